@@ -1,0 +1,28 @@
+"""splice: parameter-efficient fine-tuning for PyTorch models.
+
+    model, tokenizer = splice.load_model("smollm2-135m")
+    splice.attach(model, splice.LoRAConfig(rank=8, target_modules="all-linear"))
+    ... train ...
+    splice.save_adapter(model, "my-adapter")      # loads in peft too
+"""
+
+from splice import methods as _methods  # noqa: F401  (registers every method)
+from splice.config import AdapterConfig, ConfigError, LoRAConfig
+from splice.core.accounting import TrainableCount, count_trainable
+from splice.core.attach import (active_adapters, attach, delete_adapter, disable_adapters,
+                                list_adapters, set_active_adapters)
+from splice.core.errors import AdapterError, AdapterFileError, SpliceError, TargetError
+from splice.core.io import load_adapter, save_adapter
+from splice.core.merging import merge_adapter, merge_and_unload, unmerge_adapter
+from splice.core.registry import method_table
+from splice.models import load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "AdapterError", "AdapterFileError", "ConfigError", "LoRAConfig",
+    "SpliceError", "TargetError", "TrainableCount", "active_adapters", "attach", "count_trainable",
+    "delete_adapter", "disable_adapters", "list_adapters", "load_adapter", "load_model",
+    "merge_adapter", "merge_and_unload", "method_table", "save_adapter", "set_active_adapters",
+    "unmerge_adapter",
+]

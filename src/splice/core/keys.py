@@ -1,0 +1,62 @@
+"""The mapping between an adapter's tensors in a model and the keys of peft's adapter files.
+
+A file key is the model path of the tensor with the adapter name removed, under the prefix
+`base_model.model.`: `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from splice.core.errors import AdapterError
+from splice.core.layer import adapter_layers
+from splice.core.state import require_adapter
+from splice.core.transaction import Transaction
+
+FILE_PREFIX = "base_model.model."
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor adapter `name` owns, by file key (the live parameters, not copies)."""
+    entry = require_adapter(model, name)
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in adapter_layers(model):
+        for key, param in layer.adapter_parameters(name):
+            out[f"{FILE_PREFIX}{path}.{layer.file_key(key, name)}"] = param
+    params = dict(model.named_parameters())
+    for param_name in entry.extra_trainable:
+        out[FILE_PREFIX + param_name] = params[param_name]
+    return out
+
+
+def load_adapter_weights(model: nn.Module, name: str, weights: Mapping[str, torch.Tensor],
+                         tx: Transaction) -> None:
+    """Copy file tensors into adapter `name`; every key and shape must fit (checked first)."""
+    expected = adapter_tensors(model, name)
+    base_params = {FILE_PREFIX + n: p for n, p in model.named_parameters()}
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for key, value in weights.items():
+        target = expected.get(key, base_params.get(key))
+        if target is None:
+            raise AdapterError(
+                f"adapter file key {key!r} matches nothing in this model: the adapter was made for "
+                "a different model (or other target modules); load it on the model it was trained on")
+        if tuple(target.shape) != tuple(value.shape):
+            raise AdapterError(
+                f"adapter file key {key!r} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(target.shape)}: the adapter was trained on a different model size or rank")
+        plan.append((target, value))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise AdapterError(f"adapter file lacks {len(missing)} tensor(s) the config implies, first "
+                           f"{missing[0]!r}; the file is incomplete or its config does not match it")
+    adapter_owned = {id(t) for t in expected.values()}
+    for target, value in plan:
+        if id(target) in adapter_owned:  # new tensors: a rollback discards them anyway
+            with torch.no_grad():
+                target.copy_(value.to(target.dtype))
+        else:
+            tx.copy_into(target, value.to(target.dtype))

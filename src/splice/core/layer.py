@@ -1,0 +1,105 @@
+"""The adapter-layer protocol every method's layer satisfies.
+
+An `AdapterLayer` wraps one base module (`base_layer`) and holds any number of named adapters in
+ModuleDicts / ParameterDicts whose attribute names carry the method prefix (`lora_A`, `ia3_l`).
+The state-dict key of an adapter tensor is therefore `<prefix>.<adapter name>[.<rest>]`, and the
+peft file key is the same with the adapter name removed. Generic code (attach, merge, save) uses
+only this protocol and never names a method.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from splice.config.base import AdapterConfig
+
+
+class AdapterLayer(nn.Module):
+    """A base module plus named adapters; subclasses define the adapters' math."""
+
+    #: attributes (ModuleDict / ParameterDict) holding per-adapter state, keyed by adapter name
+    adapter_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: how a prefix is spelled in peft's file keys, where it differs ('' drops it)
+    file_prefixes: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # -- what a method implements ---------------------------------------------------------------
+    def add_adapter(self, name: str, config: AdapterConfig, module_path: str) -> None:
+        """Create the parameters of adapter `name` for this module, initialised."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW of adapter `name` in the base weight's layout (mergeable methods only)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
+
+    def fold_into(self, weight: torch.Tensor, name: str, sign: int) -> torch.Tensor:
+        """The base weight with adapter `name` merged in (sign=+1) or taken out (sign=-1).
+
+        Additive methods add ±ΔW; a method whose merge is not additive overrides this."""
+        delta = self.delta_weight(name).to(torch.float32)
+        return (weight.to(torch.float32) + sign * delta).to(weight.dtype)
+
+    # -- generic behaviour ----------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        for prefix in self.adapter_prefixes:
+            container = getattr(self, prefix, None)
+            if container is not None and len(container):
+                return list(container.keys())
+        return []
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapter_names
+
+    def adapters_to_apply(self) -> list[str]:
+        """Active adapters that forward must add on top of the base (merged ones are inside it)."""
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters
+                if n not in self.merged_adapters and self.has_adapter(n)]
+
+    def remove_adapter(self, name: str) -> None:
+        for prefix in self.adapter_prefixes:
+            container = getattr(self, prefix)
+            if name in container:
+                del container[name]
+        self.forget_adapter(name)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop per-adapter plain attributes (scalings and the like); override when there are any."""
+
+    def adapter_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(state-dict key within this layer, parameter) for adapter `name`."""
+        for key, param in self.named_parameters():
+            prefix, _, rest = key.partition(".")
+            if prefix in self.adapter_prefixes and (rest == name or rest.startswith(name + ".")):
+                yield key, param
+
+    def file_key(self, key: str, name: str) -> str:
+        """The peft file key suffix of a state-dict key: the adapter name removed."""
+        prefix, _, rest = key.partition(".")
+        rest = rest[len(name):].lstrip(".")
+        prefix = self.file_prefixes.get(prefix, prefix)
+        return ".".join(p for p in (prefix, rest) if p)
+
+    def base_weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}"
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield path, module
