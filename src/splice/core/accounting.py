@@ -47,3 +47,4 @@ def base_parameters_by_module_type(model: nn.Module, name: str) -> dict[str, int
         if layer.has_adapter(name):
             counts[path.rsplit(".", 1)[-1]] += sum(p.numel() for p in layer.base_layer.parameters())
     return dict(counts)
+

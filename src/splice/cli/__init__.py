@@ -1,0 +1,1 @@
+"""The `splice` command line: thin subcommands over the library."""

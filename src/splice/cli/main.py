@@ -1,0 +1,39 @@
+"""`splice`: register the subcommands and dispatch to their `run(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from splice.cli import methods, params
+from splice.core.errors import SpliceError
+from splice.config.base import ConfigError
+
+SUBCOMMANDS = [params, methods]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splice", description="Parameter-efficient fine-tuning (LoRA and its family) for "
+        "PyTorch models, with adapter files that load in peft.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in SUBCOMMANDS:
+        sub = subparsers.add_parser(
+            module.NAME, help=module.HELP, description=module.DESCRIPTION, epilog=module.EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (SpliceError, ConfigError, FileNotFoundError) as err:
+        print(f"splice {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
