@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random models for unit tests, bundled SmolLM2 for integration tests."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+# Before anything imports huggingface_hub: the suite never touches the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The user cache, not a tmp folder: the SmolLM2 conversion (~20 s) should happen once per
+# machine. Concurrent workers (pytest-xdist) are safe, the cache is built by atomic rename.
+os.environ.setdefault("SPLICE_CACHE", str(Path.home() / ".cache" / "splice"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from splice.models import load_model  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    """A fresh random 2-layer Llama (GQA: 4 heads, 2 KV heads), untied, in eval mode."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_gpt2() -> GPT2LMHeadModel:
+    """A fresh random 2-layer GPT-2 (Conv1D layers, tied embeddings), in eval mode."""
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct in fp32, loaded once per session. Do not modify it in a test;
+    use `smollm2_fresh` for that."""
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def smollm2_fresh(smollm2) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A private deep copy of the session SmolLM2 that a test may modify freely."""
+    model, tokenizer = smollm2
+    return copy.deepcopy(model), tokenizer
