@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splice.cli import methods, params
+from splice.cli import methods, params, train
 from splice.core.errors import SpliceError
 from splice.config.base import ConfigError
 
-SUBCOMMANDS = [params, methods]
+SUBCOMMANDS = [train, params, methods]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
+    except KeyboardInterrupt as err:
+        print(f"splice {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
     except (SpliceError, ConfigError, FileNotFoundError) as err:
         print(f"splice {args.command}: error: {err}", file=sys.stderr)
         return 2

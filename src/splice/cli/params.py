@@ -8,7 +8,7 @@ import re
 from torch import nn
 
 from splice.cli.table import format_table
-from splice.config.base import ConfigError, help_for
+from splice.config.base import ConfigError, help_for, parse_targets
 from splice.config.lora import LoRAConfig
 from splice.core.report import ParameterReport, parameter_report
 from splice.models import load_model
@@ -31,12 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=help_for(LoRAConfig, "target_modules") + " Comma-separate a list.")
     parser.add_argument("--bytes-per-param", type=int, default=4,
                         help="bytes per stored adapter parameter for the size column (4 = fp32, 2 = bf16)")
-
-
-def parse_targets(text: str) -> tuple[str, ...] | str:
-    if text == "all-linear" or re.search(r"[\\^$*+?()\[\]|]", text):
-        return text
-    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def parse_shape(text: str) -> tuple[int, int]:

@@ -35,6 +35,13 @@ def as_tuple(value: Any) -> tuple | None:
     return tuple(value)
 
 
+def parse_targets(text: str) -> tuple[str, ...] | str:
+    """A --targets value: 'all-linear', a regex (has regex syntax), or a comma list of names."""
+    if text == "all-linear" or re.search(r"[\\^$*+?()\[\]|]", text):
+        return text
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def check_regex(field_name: str, pattern: str) -> None:
     try:
         re.compile(pattern)

@@ -35,6 +35,10 @@ class LoRAConfig(AdapterConfig):
     peft_type: ClassVar[str] = "LORA"
     peft_key_map: ClassVar[Mapping[str, str]] = {
         "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "init": "init_lora_weights"}
+    # peft writes qalora_group_size (default 16) into every LoRA config, even with use_qalora off;
+    # warning about it would warn on every peft-made file. use_qalora=true still warns.
+    ignored_peft_keys: ClassVar[frozenset[str]] = (AdapterConfig.ignored_peft_keys
+                                                   | {"qalora_group_size"})
 
     rank: int = doc("Rank r of the update B·A.", default=8)
     alpha: float | None = doc(

@@ -28,7 +28,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 
-TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM",  # GPT2LMHeadModel
+              "ForSequenceClassification": "SEQ_CLS",
               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
               "ForConditionalGeneration": "SEQ_2_SEQ_LM"}
 
@@ -62,7 +63,9 @@ def adapter_file_config(model: nn.Module, name: str) -> dict[str, Any]:
     if "fan_in_fan_out" in data:
         data["fan_in_fan_out"] = any(getattr(layer, "fan_in_fan_out", False) for _, layer in layers)
     data.update(task_type=task_type_of(model), inference_mode=True, revision=None,
-                base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None))
+                # peft writes null, not "", for a model that was not loaded from a path.
+                base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path",
+                                                None) or None)
     return data
 
 

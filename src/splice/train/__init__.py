@@ -1,0 +1,1 @@
+"""Training utilities: data formats and masking, the training loop, chunked loss, checkpoints."""

@@ -1,0 +1,157 @@
+"""One training run end to end: model, adapter, data, loop, and the output folder.
+
+The output folder holds the adapter in peft's format (or, for full fine-tuning, a model folder),
+`training.json` (config, data hashes, base-model fingerprint, final metrics), `metrics.jsonl`,
+`loss_curve.png` and `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from splice.config.base import parse_targets
+from splice.config.lora import LoRAConfig
+from splice.config.train import TrainConfig
+from splice.core.accounting import count_trainable
+from splice.core.attach import attach
+from splice.core.errors import SpliceError
+from splice.core.io import atomic_write, save_adapter
+from splice.models import load_model, model_fingerprint
+from splice.train.batching import length_bucketed_batches
+from splice.train.checkpoint import list_checkpoints
+from splice.train.data import TokenizedDataset, data_fingerprint, load_jsonl, read_prompt_completions
+from splice.train.distributed import DistContext
+from splice.train.evaluate import exact_match, greedy_completions
+from splice.train.loop import evaluate_loss, new_state, resume_from, run_loop, seed_everything
+from splice.train.metrics import plot_loss_curve
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    exact_match: float | None
+    trainable: int
+    total: int
+    elapsed_s: float
+
+
+def say(message: str, dist: DistContext | None = None) -> None:
+    if dist is None or dist.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def prepare_model(model: nn.Module, config: TrainConfig) -> None:
+    """Attach the adapter (or unfreeze everything for full fine-tuning)."""
+    section = config.adapter
+    if section.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    else:
+        attach(model, LoRAConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
+                                 target_modules=parse_targets(section.targets),
+                                 use_rslora=section.use_rslora, init=section.init))
+    if config.train.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_data(path: str, tokenizer: Any, config: TrainConfig, dist: DistContext) -> TokenizedDataset:
+    data = load_jsonl(path, tokenizer, max_len=config.data.max_len, skip_bad=config.data.skip_bad)
+    stats = data.stats
+    if stats.skipped:
+        say(f"warning: {path}: skipped {stats.skipped} malformed line(s) (--skip-bad)", dist)
+    if stats.truncated:
+        say(f"warning: {path}: {stats.truncated} example(s) truncated to --max-len {config.data.max_len}", dist)
+    return data
+
+
+def run_training(config: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    dist = DistContext.from_env()
+    try:
+        return _run(config, resume, show_progress, dist)
+    finally:
+        dist.close()
+
+
+def _run(config: TrainConfig, resume: bool, show_progress: bool, dist: DistContext) -> TrainResult:
+    out = Path(config.output)
+    if list_checkpoints(out / "checkpoints") and not resume:
+        raise SpliceError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
+                          "or choose another --output")
+    seed_everything(config.train.seed)
+    model, tokenizer = load_model(config.model)
+    fingerprint = model_fingerprint(model)
+    prepare_model(model, config)
+    train_data = load_data(config.data.path, tokenizer, config, dist)
+    eval_data = load_data(config.data.eval_path, tokenizer, config, dist) if config.data.eval_path else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    num_batches = len(length_bucketed_batches(train_data.examples, config.train.batch_size,
+                                              seed=config.train.seed, epoch=0, pad_token_id=pad_id))
+    state = new_state(model, config, num_batches, dist)
+    if resume:
+        path = resume_from(out, state)
+        say(f"resuming from {path} (step {state.progress.step})" if path else
+            "no checkpoint to resume from; starting fresh", dist)
+    counts = count_trainable(model)
+    say(f"{config.adapter.method}: {counts}; {len(train_data)} examples, {state.total_steps} steps", dist)
+    start = time.perf_counter()
+    run_loop(state, train_data.examples, eval_data.examples if eval_data else None, config, pad_id,
+             out, dist, show_progress)
+    elapsed = time.perf_counter() - start
+    eval_loss = evaluate_loss(model, eval_data.examples, config, pad_id) if eval_data else None
+    em = measure_exact_match(model, tokenizer, config) if dist.is_main else None
+    result = TrainResult(out, state.progress.step, state.last_loss, eval_loss, em,
+                         counts.trainable, counts.total, elapsed)
+    if dist.is_main:
+        write_outputs(model, tokenizer, config, result, fingerprint, train_data, eval_data)
+    return result
+
+
+def measure_exact_match(model: nn.Module, tokenizer: Any, config: TrainConfig) -> float | None:
+    """Greedy exact match on prompt/completion eval data (None for other shapes)."""
+    if not config.data.eval_path:
+        return None
+    prompts, references = read_prompt_completions(config.data.eval_path)
+    if not prompts:
+        return None
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    predictions = greedy_completions(model, tokenizer, prompts, max_new_tokens=longest + 8)
+    return exact_match(predictions, references)
+
+
+def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result: TrainResult,
+                  fingerprint: str, train_data: TokenizedDataset, eval_data: TokenizedDataset | None) -> None:
+    out = result.output
+    out.mkdir(parents=True, exist_ok=True)
+    if config.adapter.method == "full":
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    else:
+        save_adapter(model, out)
+    record = {
+        "config": config.to_dict(),
+        "data_sha256": data_fingerprint(config.data.path),
+        "eval_data_sha256": data_fingerprint(config.data.eval_path) if config.data.eval_path else None,
+        "base_model_fingerprint": fingerprint,
+        "data_stats": asdict(train_data.stats),
+        "metrics": {"steps": result.steps, "final_train_loss": result.final_loss,
+                    "eval_loss": result.eval_loss, "exact_match": result.exact_match,
+                    "trainable_params": result.trainable, "total_params": result.total,
+                    "train_seconds": round(result.elapsed_s, 2)},
+        "torch": torch.__version__,
+    }
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(out / "training.json", lambda tmp: Path(tmp).write_text(text))
+    if (out / "metrics.jsonl").exists():
+        plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
+                        title=f"{config.model} · {config.adapter.method}")
