@@ -115,6 +115,16 @@ def test_file_key_for_a_module_the_model_lacks(saved, tiny_llama):
     assert_load_fails(tiny_llama, folder, splice.AdapterError, r"v_proj.*matches nothing")
 
 
+def test_file_carrying_an_untargeted_base_weight_is_refused(saved, tiny_llama):
+    """An adapter file may not overwrite arbitrary base weights (only biases / targeted tables)."""
+    from safetensors.torch import load_file, save_file
+    folder, _ = saved
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.mlp.up_proj.weight"] = torch.zeros(64, 32)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    assert_load_fails(tiny_llama, folder, splice.AdapterError, r"up_proj.weight.*matches nothing")
+
+
 # -- unsafe and broken files ----------------------------------------------------------------------
 
 def test_pickle_only_folder_is_refused_and_never_unpickled(saved, tiny_llama, monkeypatch):

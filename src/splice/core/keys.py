@@ -32,11 +32,24 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def base_key_allowed(model: nn.Module, param_name: str, name: str) -> bool:
+    """Base tensors an adapter file may carry: biases (peft's bias="all"/"lora_only") and the
+    tables of embeddings the adapter targets (peft saves those alongside an embedding LoRA).
+    Any other base weight in a file is refused rather than silently overwriting the model."""
+    if param_name.endswith(".bias"):
+        return True
+    path, _, rest = param_name.rpartition(".base_layer.")
+    if not path or rest != "weight":
+        return False
+    layer = model.get_submodule(path)
+    return layer.has_adapter(name) and isinstance(layer.base_layer, nn.Embedding)
+
+
 def load_adapter_weights(model: nn.Module, name: str, weights: Mapping[str, torch.Tensor],
                          tx: Transaction) -> None:
     """Copy file tensors into adapter `name`; every key and shape must fit (checked first)."""
     expected = adapter_tensors(model, name)
-    base_params = {FILE_PREFIX + n: p for n, p in model.named_parameters()}
+    base_params = {FILE_PREFIX + n: p for n, p in model.named_parameters() if base_key_allowed(model, n, name)}
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     for key, value in weights.items():
         target = expected.get(key, base_params.get(key))

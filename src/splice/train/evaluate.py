@@ -1,7 +1,7 @@
 """Evaluation of prompt/completion tasks: batched greedy generation and exact match.
 
-Prompts are rendered the way a trainer renders prompt/completion data: as one user turn of the
-tokenizer's chat template followed by the generation prompt (plain text when the tokenizer has no
+Prompts are rendered by `splice.train.data.render_prompt`, the rendering prompt/completion training
+uses (one user turn of the chat template plus the generation prompt; BOS and plain text without a
 template), so a model is scored on exactly the context it was trained on.
 """
 
@@ -15,19 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of `prompt` as a user turn plus the generation prompt.
-
-    `apply_chat_template` is asked for text (`tokenize=False`): with `tokenize=True`,
-    transformers 5 may return a BatchEncoding instead of a list of ids. The rendered text already
-    holds the template's special tokens, so it is tokenized with `add_special_tokens=False`.
-    """
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
+from splice.train.data import render_prompt
 
 
 def _stop_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -67,7 +55,7 @@ def greedy_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                        batch_size: int = 16, progress: bool = True) -> list[str]:
     """Greedy completions of `prompts`, one string per prompt, in the order given.
 
-    Prompts are rendered with `prompt_token_ids`, sorted by length so that a batch carries little
+    Prompts are rendered with `render_prompt`, sorted by length so that a batch carries little
     padding, left-padded (so every row's next token sits in the last column) and decoded by
     `model.generate` without sampling. Only the new tokens are decoded, cut at the first EOS and
     stripped of surrounding whitespace. The model runs in eval mode under `torch.inference_mode()`;
@@ -80,7 +68,7 @@ def greedy_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     stop_ids = _stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
-    rows = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]
+    rows = [render_prompt(tokenizer, prompt) for prompt in prompts]
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
     device = next(model.parameters()).device
     results: list[str] = [""] * len(rows)

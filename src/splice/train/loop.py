@@ -123,7 +123,9 @@ def after_step(state: LoopState, record: dict[str, Any], metrics: MetricsLog, ev
                config: TrainConfig, pad_id: int, out: Path, dist: DistContext) -> None:
     step = state.progress.step
     if config.train.eval_every and eval_examples and step % config.train.eval_every == 0:
-        record["eval_loss"] = state.last_eval_loss = evaluate_loss(state.model, eval_examples, config, pad_id)
+        record["eval_loss"] = state.last_eval_loss = evaluate_loss(
+            state.model, eval_examples, batch_size=config.train.batch_size, pad_id=pad_id,
+            chunk_size=config.train.loss_chunk)
     if dist.is_main and (step % config.train.log_every == 0 or "eval_loss" in record):
         metrics.write(record)
     state.history.append(record)
@@ -171,14 +173,15 @@ def divergence_message(what: str, value: float, step: int, config: TrainConfig) 
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: list, config: TrainConfig, pad_id: int) -> float:
+def evaluate_loss(model: nn.Module, examples: list, *, batch_size: int, pad_id: int,
+                  chunk_size: int = 1024) -> float:
     """Token-mean cross-entropy over held-out examples."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    for batch in plain_batches(examples, config.train.batch_size, pad_token_id=pad_id):
+    for batch in plain_batches(examples, batch_size, pad_token_id=pad_id):
         loss = causal_lm_loss(model, batch.input_ids, batch.attention_mask, batch.labels,
-                              chunk_size=config.train.loss_chunk)
+                              chunk_size=chunk_size)
         total += loss.item() * int(batch.num_supervised)
         tokens += int(batch.num_supervised)
     model.train(was_training)

@@ -108,7 +108,8 @@ def _run(config: TrainConfig, resume: bool, show_progress: bool, dist: DistConte
     run_loop(state, train_data.examples, eval_data.examples if eval_data else None, config, pad_id,
              out, dist, show_progress)
     elapsed = time.perf_counter() - start
-    eval_loss = evaluate_loss(model, eval_data.examples, config, pad_id) if eval_data else None
+    eval_loss = evaluate_loss(model, eval_data.examples, batch_size=config.train.batch_size,
+                              pad_id=pad_id, chunk_size=config.train.loss_chunk) if eval_data else None
     em = measure_exact_match(model, tokenizer, config) if dist.is_main else None
     result = TrainResult(out, state.progress.step, state.last_loss, eval_loss, em,
                          counts.trainable, counts.total, elapsed)

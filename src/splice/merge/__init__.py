@@ -1,0 +1,1 @@
+"""Merging adapters into base weights and exporting standalone models."""
