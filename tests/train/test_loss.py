@@ -138,6 +138,14 @@ def test_grad_output_scales_the_stored_gradients():
         torch.testing.assert_close(got, want, **GRAD_TOL)
 
 
+def test_second_backward_through_a_retained_graph_raises():
+    hidden, weight, b, labels = make_inputs(10, 20, 4)
+    loss = linear_cross_entropy(hidden, weight, labels, b, chunk_size=3)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already used"):
+        loss.backward()
+
+
 def test_bf16_hidden_matches_transformers_style_upcast():
     hidden, weight, _, labels = make_inputs(48, 200, 16, ignored=[0, 5], bias=False,
                                             dtype=torch.bfloat16)

@@ -64,7 +64,7 @@ class TrainSection:
     keep_last: int = doc("Checkpoints to keep.", default=2)
     eval_every: int = doc("Evaluate on eval data every N steps (0: only at the end).", default=0)
     log_every: int = doc("Write a metrics line every N steps.", default=1)
-    loss_chunk: int = doc("Tokens per chunk of the output-head loss (bounds logits memory).", default=1024)
+    loss_chunk: int = doc("Tokens per chunk of the output-head loss (bounds logits memory).", default=256)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
