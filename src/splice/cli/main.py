@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splice.cli import generate, merge, methods, params, train
+from splice.cli import demo, generate, merge, methods, params, train
 from splice.core.errors import SpliceError
 from splice.config.base import ConfigError
 
-SUBCOMMANDS = [train, generate, merge, params, methods]
+SUBCOMMANDS = [demo, train, generate, merge, params, methods]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from splice.cli.table import format_table
+from splice.tables import format_table
 from splice.core.registry import method_table
 
 NAME = "methods"

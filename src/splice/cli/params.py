@@ -7,7 +7,7 @@ import re
 
 from torch import nn
 
-from splice.cli.table import format_table
+from splice.tables import format_table
 from splice.config.base import ConfigError, help_for, parse_targets
 from splice.config.lora import LoRAConfig
 from splice.core.report import ParameterReport, parameter_report

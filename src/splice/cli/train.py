@@ -11,7 +11,7 @@ import yaml
 
 from splice.config.base import ConfigError, help_for
 from splice.config.train import (AdapterSection, DataSection, TrainConfig, TrainSection,
-                                 build_train_config, set_dotted)
+                                 build_train_config, parse_overrides, set_dotted)
 from splice.train.run import run_training
 
 NAME = "train"
@@ -77,11 +77,8 @@ def collect_config(args: argparse.Namespace) -> TrainConfig:
     for dotted in flag_keys:
         if getattr(args, dotted) is not None:
             set_dotted(values, dotted, getattr(args, dotted))
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: write it as section.key=value (e.g. train.lr=2e-4)")
-        set_dotted(values, key.strip(), yaml.safe_load(value))
+    for key, value in parse_overrides(args.overrides).items():
+        set_dotted(values, key, value)
     return build_train_config(values)
 
 

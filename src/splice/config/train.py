@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import yaml
 
 from splice.config.base import ConfigError, doc
 
@@ -157,3 +159,14 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
     node[parts[-1]] = value
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`section.key=value` strings from the command line; values read as YAML scalars."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: write it as section.key=value (e.g. train.lr=2e-4)")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides

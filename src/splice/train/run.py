@@ -44,6 +44,7 @@ class TrainResult:
     trainable: int
     total: int
     elapsed_s: float
+    eval_predictions: list[str] | None = None
 
 
 def say(message: str, dist: DistContext | None = None) -> None:
@@ -110,24 +111,30 @@ def _run(config: TrainConfig, resume: bool, show_progress: bool, dist: DistConte
     elapsed = time.perf_counter() - start
     eval_loss = evaluate_loss(model, eval_data.examples, batch_size=config.train.batch_size,
                               pad_id=pad_id, chunk_size=config.train.loss_chunk) if eval_data else None
-    em = measure_exact_match(model, tokenizer, config) if dist.is_main else None
+    em, predictions = measure_exact_match(model, tokenizer, config) if dist.is_main else (None, None)
     result = TrainResult(out, state.progress.step, state.last_loss, eval_loss, em,
-                         counts.trainable, counts.total, elapsed)
+                         counts.trainable, counts.total, elapsed, predictions)
     if dist.is_main:
         write_outputs(model, tokenizer, config, result, fingerprint, train_data, eval_data)
     return result
 
 
-def measure_exact_match(model: nn.Module, tokenizer: Any, config: TrainConfig) -> float | None:
-    """Greedy exact match on prompt/completion eval data (None for other shapes)."""
+def measure_exact_match(model: nn.Module, tokenizer: Any,
+                        config: TrainConfig) -> tuple[float | None, list[str] | None]:
+    """Greedy exact match on prompt/completion eval data, and the predictions (None for other shapes)."""
     if not config.data.eval_path:
-        return None
+        return None, None
     prompts, references = read_prompt_completions(config.data.eval_path)
     if not prompts:
-        return None
-    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
-    predictions = greedy_completions(model, tokenizer, prompts, max_new_tokens=longest + 8)
-    return exact_match(predictions, references)
+        return None, None
+    predictions = greedy_completions(model, tokenizer, prompts,
+                                     max_new_tokens=completion_budget(tokenizer, references))
+    return exact_match(predictions, references), predictions
+
+
+def completion_budget(tokenizer: Any, references: list[str]) -> int:
+    """New tokens to allow when generating: the longest reference plus a margin."""
+    return max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 8
 
 
 def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result: TrainResult,
