@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -67,3 +68,29 @@ def smollm2_fresh(smollm2) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A private deep copy of the session SmolLM2 that a test may modify freely."""
     model, tokenizer = smollm2
     return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved as a folder."""
+    _, tokenizer = smollm2
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """Prompt/completion addition data: 30 training lines, 6 held out."""
+    folder = tmp_path_factory.mktemp("data")
+    rows = [{"prompt": f"Add {a} and {b}.", "completion": str(a + b)} for a in range(6) for b in range(6)]
+    train, evals = folder / "train.jsonl", folder / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    evals.write_text("".join(json.dumps(r) + "\n" for r in rows[30:]))
+    return train, evals

@@ -20,8 +20,8 @@ from splice.core.io import load_adapter
 from splice.core.merging import merge_adapter
 from splice.models import load_model
 from splice.train.data import read_prompt_completions
-from splice.train.evaluate import exact_match, greedy_completions
-from splice.train.run import completion_budget, run_training
+from splice.train.evaluate import completion_budget, exact_match, greedy_completions
+from splice.train.run import run_training
 
 DEFAULT_PRESET = Path("presets/demo.yaml")
 

@@ -42,10 +42,11 @@ class _Stream(TextStreamer):
 @torch.inference_mode()
 def generate_reply(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                   out: TextIO | None = sys.stdout) -> str:
+                   out: TextIO | None | str = "stdout") -> str:
     """Answer `prompt` (as a chat user turn when the tokenizer has a template); greedy when
     temperature is 0. Tokens stream to `out` as they are produced; the full reply is returned."""
     model.eval()
+    out = sys.stdout if out == "stdout" else out  # looked up per call, so redirection works
     ids = torch.tensor([render_prompt(tokenizer, prompt)])  # (1, T)
     streamer = _Stream(tokenizer, out) if out is not None else None
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import splice
 from splice.config.train import build_train_config
@@ -17,31 +17,6 @@ from splice.train.checkpoint import list_checkpoints
 from splice.train.loop import TrainingDiverged, TrainingInterrupted
 from splice.train.metrics import read_metrics
 from splice.train.run import run_training
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_model(tmp_path_factory, smollm2) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved as a folder."""
-    _, tokenizer = smollm2
-    folder = tmp_path_factory.mktemp("tiny-chat")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("data")
-    rows = [{"prompt": f"Add {a} and {b}.", "completion": str(a + b)} for a in range(6) for b in range(6)]
-    train, evals = folder / "train.jsonl", folder / "eval.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
-    evals.write_text("".join(json.dumps(r) + "\n" for r in rows[30:]))
-    return train, evals
 
 
 def make_config(model: Path, data: tuple[Path, Path], output: Path, **train):

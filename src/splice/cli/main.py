@@ -6,10 +6,11 @@ import argparse
 import sys
 
 from splice.cli import demo, generate, merge, methods, params, train
+from splice.cli import eval as eval_command  # the module's name would shadow the builtin
 from splice.core.errors import SpliceError
 from splice.config.base import ConfigError
 
-SUBCOMMANDS = [demo, train, generate, merge, params, methods]
+SUBCOMMANDS = [demo, train, eval_command, generate, merge, params, methods]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,5 +90,6 @@ def run(args: argparse.Namespace) -> int:
                + (f"; eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
                + (f"; exact match {100 * result.exact_match:.1f}%" if result.exact_match is not None else "")
                + f"\noutput: {result.output}")
-    print(summary, file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+        print(summary, file=sys.stderr)
     return 0

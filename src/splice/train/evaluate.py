@@ -1,4 +1,5 @@
-"""Evaluation of prompt/completion tasks: batched greedy generation and exact match.
+"""Evaluation: held-out loss, and for prompt/completion tasks batched greedy generation and
+exact match; `evaluate_file` runs both on a JSONL file (what `splice eval` prints).
 
 Prompts are rendered by `splice.train.data.render_prompt`, the rendering prompt/completion training
 uses (one user turn of the chat template plus the generation prompt; BOS and plain text without a
@@ -7,15 +8,76 @@ template), so a model is scored on exactly the context it was trained on.
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from splice.train.data import render_prompt
+from splice.core.errors import SpliceError
+from splice.train.data import load_jsonl, read_prompt_completions, render_prompt
+from splice.train.loop import evaluate_loss
+
+LOSS_CHUNK_TOKENS = 256
+"""Tokens per chunk of the output-head loss (bounds logits memory; the training default)."""
+
+COMPLETION_MARGIN_TOKENS = 8
+"""New tokens allowed beyond the longest reference, so a prediction that runs on is seen whole."""
+
+
+@dataclass
+class EvalReport:
+    """What `evaluate_file` measured on one file."""
+
+    examples: int
+    """Examples the loss was taken over (every usable line, any shape)."""
+    eval_loss: float
+    """Token-mean cross-entropy over the supervised tokens, in nats."""
+    exact_match: float | None
+    """Fraction of greedy completions equal to the reference; None without prompt/completion lines."""
+    prompts: list[str] = field(default_factory=list)
+    predictions: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    """The pairs exact match was scored on, in file order (for showing a few)."""
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.eval_loss) if self.eval_loss < 700 else math.inf  # exp(710) overflows
+
+
+def evaluate_file(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None,
+                  path: str | os.PathLike[str], *, batch_size: int = 8, max_len: int = 512,
+                  exact_match_limit: int | None = None) -> EvalReport:
+    """Eval loss over every line of a JSONL file (tokenized and masked as training does, cut to
+    `max_len`), and greedy exact match over its first `exact_match_limit` (default all)
+    prompt/completion lines. A malformed line raises `DataError` naming `path:line`."""
+    if tokenizer is None:
+        raise SpliceError("the model folder has no tokenizer; evaluation needs one to read the data")
+    if exact_match_limit is not None and exact_match_limit < 1:
+        raise ValueError(f"exact_match_limit must be >= 1 (or None for all), got {exact_match_limit}")
+    data = load_jsonl(path, tokenizer, max_len=max_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loss = evaluate_loss(model, data.examples, batch_size=batch_size, pad_id=pad_id,
+                         chunk_size=LOSS_CHUNK_TOKENS)
+    prompts, references = read_prompt_completions(path)
+    prompts, references = prompts[:exact_match_limit], references[:exact_match_limit]
+    if not prompts:
+        return EvalReport(len(data), loss, None)
+    predictions = greedy_completions(model, tokenizer, prompts, batch_size=batch_size,
+                                     max_new_tokens=completion_budget(tokenizer, references))
+    return EvalReport(len(data), loss, exact_match(predictions, references), prompts, predictions,
+                      references)
+
+
+def completion_budget(tokenizer: PreTrainedTokenizerBase, references: Sequence[str]) -> int:
+    """New tokens to allow when generating: the longest reference plus a margin."""
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    return longest + COMPLETION_MARGIN_TOKENS
 
 
 def _stop_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -87,7 +87,8 @@ def epoch_groups(examples: list, config: TrainConfig, epoch: int, pad_id: int,
 
 def run_loop(state: LoopState, examples: list, eval_examples: list | None, config: TrainConfig,
              pad_id: int, out: Path, dist: DistContext, show_progress: bool = True) -> LoopState:
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=state.progress.step)
+    # Only rank 0 touches the output folder (opening a MetricsLog rewrites metrics.jsonl).
+    metrics = MetricsLog(out / "metrics.jsonl", state.progress.step) if dist.is_main else None
     bar = tqdm(total=state.total_steps, initial=state.progress.step, disable=not (show_progress and dist.is_main),
                desc="train", unit="step", dynamic_ncols=True)
     start, tokens_at_start = time.perf_counter(), state.progress.tokens_seen
@@ -119,14 +120,14 @@ def run_loop(state: LoopState, examples: list, eval_examples: list | None, confi
     return state
 
 
-def after_step(state: LoopState, record: dict[str, Any], metrics: MetricsLog, eval_examples: list | None,
+def after_step(state: LoopState, record: dict[str, Any], metrics: MetricsLog | None, eval_examples: list | None,
                config: TrainConfig, pad_id: int, out: Path, dist: DistContext) -> None:
     step = state.progress.step
     if config.train.eval_every and eval_examples and step % config.train.eval_every == 0:
         record["eval_loss"] = state.last_eval_loss = evaluate_loss(
             state.model, eval_examples, batch_size=config.train.batch_size, pad_id=pad_id,
             chunk_size=config.train.loss_chunk)
-    if dist.is_main and (step % config.train.log_every == 0 or "eval_loss" in record):
+    if metrics is not None and (step % config.train.log_every == 0 or "eval_loss" in record):
         metrics.write(record)
     state.history.append(record)
     if config.train.save_every and step % config.train.save_every == 0 and dist.is_main:

@@ -29,7 +29,7 @@ from splice.train.batching import length_bucketed_batches
 from splice.train.checkpoint import list_checkpoints
 from splice.train.data import TokenizedDataset, data_fingerprint, load_jsonl, read_prompt_completions
 from splice.train.distributed import DistContext
-from splice.train.evaluate import exact_match, greedy_completions
+from splice.train.evaluate import completion_budget, exact_match, greedy_completions
 from splice.train.loop import evaluate_loss, new_state, resume_from, run_loop, seed_everything
 from splice.train.metrics import plot_loss_curve
 
@@ -131,10 +131,6 @@ def measure_exact_match(model: nn.Module, tokenizer: Any,
                                      max_new_tokens=completion_budget(tokenizer, references))
     return exact_match(predictions, references), predictions
 
-
-def completion_budget(tokenizer: Any, references: list[str]) -> int:
-    """New tokens to allow when generating: the longest reference plus a margin."""
-    return max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 8
 
 
 def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result: TrainResult,
