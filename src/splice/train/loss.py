@@ -44,15 +44,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(compute, torch.float32)               # fp32 (or fp64)
         w = weight.to(compute)                                          # (V, d)
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (n, d)
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format
+                                       ) if need_hidden else None        # (n, d)
         grad_weight = torch.zeros(weight.shape, dtype=acc,
                                   device=weight.device) if need_weight else None  # (V, d)
         grad_bias = torch.zeros(vocab, dtype=acc,
                                 device=weight.device) if need_bias else None     # (V,)
+        # One logits buffer for every chunk: a fresh (c, V) allocation per chunk is a fresh
+        # mmap whose pages are faulted in and zeroed again each time.
+        buffer = torch.empty(min(chunk_size, n), vocab, dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(compute)            # (c, d)
             y = labels[start:start + chunk_size]                        # (c,)
-            logits = (h @ w.T).to(acc)                                  # (c, V)
+            logits = buffer[:h.shape[0]]                                # (c, V)
+            if compute == acc:
+                torch.mm(h, w.T, out=logits)
+            else:
+                logits.copy_(h @ w.T)
             if bias is not None:
                 logits += bias.to(acc)
             target = logits.gather(1, y[:, None])                       # (c, 1)
@@ -65,7 +73,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.div_(norm)                                            # (c, V) softmax
                 g.scatter_add_(1, y[:, None], torch.full_like(target, -1))  # − onehot
                 _accumulate(g, h, w, grad_hidden, grad_weight, grad_bias, start)
-            del logits, g  # free the chunk before the next one is allocated
         # Kept as attributes, not saved tensors, so backward can hand them over without a copy.
         ctx.grads = [t.mul_(1.0 / n) if t is not None else None
                      for t in (grad_hidden, grad_weight, grad_bias)]
@@ -88,7 +95,11 @@ def _accumulate(g, h, w, grad_hidden, grad_weight, grad_bias, start) -> None:
     """Add one chunk's (unscaled) gradients: g (c, V) = softmax − onehot, h (c, d)."""
     g_mm = g.to(w.dtype)                                                # (c, V), a copy if bf16
     if grad_hidden is not None:
-        grad_hidden[start:start + g.shape[0]] = g_mm @ w                # (c, d)
+        rows = grad_hidden[start:start + g.shape[0]]                    # (c, d), contiguous
+        if rows.dtype == w.dtype:
+            torch.mm(g_mm, w, out=rows)
+        else:
+            rows.copy_(g_mm @ w)
     if grad_weight is not None:
         if g_mm.dtype == grad_weight.dtype:
             grad_weight.addmm_(g_mm.T, h)                               # (V, d), no temporary

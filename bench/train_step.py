@@ -1,0 +1,254 @@
+"""LoRA training step on SmolLM2-135M: splice vs peft vs the frozen-model floor, time and peak RSS.
+
+    .venv/bin/python bench/train_step.py [--quick] [--reps 3] [--steps 5] [--warmup 1]
+
+Setup: all-linear LoRA, rank 16, alpha 32, dropout 0, fp32, 2 threads, batch 4 × 256 random
+token ids (seed 0), every token supervised, model.train(), AdamW over the trainable parameters.
+
+    splice  splice.attach(...) + splice.train.loss.causal_lm_loss(..., chunk_size=256)
+    peft    peft.get_peft_model(...) + model(input_ids, attention_mask, labels=labels).loss
+    floor   the frozen model (no adapters, no parameter gradients): forward from input
+            embeddings that require grad, splice's fused loss, backward to the embeddings only.
+            No optimizer. The least work any adapter method can do per step.
+
+Each contender runs in its own fresh subprocess; the runs alternate (splice, peft, floor,
+splice, peft, floor, ...) so machine noise hits them alike. "step s" is the median wall time of
+the timed steps (after warm-up) of every run of a contender, "cpu s" the median process CPU time
+(user + sys, all threads) of the same steps, steadier than wall time on a shared machine;
+time_vs_peft_per_round in the JSON gives the ratio within each alternation round. Peak RSS is
+getrusage's ru_maxrss at the end of a run (the whole process: imports, weights, training),
+"after load" is the RSS once the model is loaded and adapted (the safetensors weights are
+mmapped, so part of them is faulted in only by the first step), and "overhead" = peak − after
+load. Medians over the runs.
+
+The runs get OMP_WAIT_POLICY=PASSIVE (--omp-wait-policy): on an oversubscribed machine, idle
+OpenMP threads that spin make 2-thread steps several times slower and far noisier. ru_maxrss
+includes what glibc keeps on its heap after frees; to see live memory instead, run with
+MALLOC_MMAP_THRESHOLD_=1048576 in the environment (every buffer over 1 MiB is then its own mmap,
+returned on free).
+
+Writes bench/results/train_step.json (train_step_quick.json for --quick, train_step_<names>.json
+for --only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODEL = "smollm2-135m"
+RANK, ALPHA, CHUNK = 16, 32, 256
+CONTENDERS = ("splice", "peft", "floor")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def build(contender: str):
+    """(model, step function, attention implementation) for one contender."""
+    import torch
+
+    import splice
+
+    model, _ = splice.load_model(MODEL)
+    if contender == "splice":
+        splice.attach(model, splice.LoRAConfig(rank=RANK, alpha=ALPHA, dropout=0.0,
+                                               target_modules="all-linear"))
+        from splice.train.loss import causal_lm_loss
+
+        def loss_fn(ids, mask, labels):
+            return causal_lm_loss(model, ids, mask, labels, chunk_size=CHUNK)
+    elif contender == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                 target_modules="all-linear"))
+
+        def loss_fn(ids, mask, labels):
+            return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    else:
+        from splice.train.loss import linear_cross_entropy
+
+        model.requires_grad_(False)
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+
+        def loss_fn(ids, mask, labels):
+            x = embed(ids).detach().requires_grad_(True)                      # (B, T, d)
+            hidden = model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+            rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])               # (B·(T-1), d)
+            return linear_cross_entropy(rows, head.weight, labels[:, 1:].reshape(-1),
+                                        chunk_size=CHUNK)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step(ids, mask, labels) -> float:
+        if optimizer:
+            optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(ids, mask, labels)
+        loss.backward()
+        if optimizer:
+            optimizer.step()
+        return loss.item()
+
+    attn = getattr(model.config, "_attn_implementation", None)
+    return model, step, attn, sum(p.numel() for p in params)
+
+
+def print_profile(contender: str, step, ids, mask, labels) -> None:
+    """torch.profiler's top ops (by self CPU time) and memory of one more step, to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(ids, mask, labels)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    print(f"== {contender}\n{table}", file=sys.stderr)
+
+
+def run_child(contender: str, batch: int, seq: int, steps: int, warmup: int,
+              threads: int, profile: bool = False) -> dict:
+    """In this fresh process: load, adapt, train `warmup + steps` steps, report."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, step, attn, trainable = build(contender)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen)               # (B, T)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()                                                      # all supervised
+    after_load = rss_mb()
+    peak_at_load = peak_rss_mb()
+    times, cpu_times, losses = [], [], []
+    for i in range(warmup + steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        losses.append(step(ids, mask, labels))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    peak = peak_rss_mb()
+    if profile:
+        print_profile(contender, step, ids, mask, labels)
+    return {"contender": contender, "times_s": times, "cpu_s": cpu_times, "losses": losses,
+            "attn": attn,
+            "trainable": trainable, "after_load_mb": after_load, "peak_at_load_mb": peak_at_load,
+            "peak_mb": peak, "overhead_mb": peak - after_load}
+
+
+def spawn(contender: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", contender, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads)] + (["--profile"] if args.profile else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"{contender} run failed:\n{out.stderr[-4000:]}")
+    if args.profile:
+        print(out.stderr[out.stderr.find("== "):], file=sys.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: list[dict]) -> dict:
+    by = {c: [r for r in runs if r["contender"] == c] for c in CONTENDERS}
+    run_medians = {c: [statistics.median(r["times_s"]) for r in rs] for c, rs in by.items()}
+    out = {}
+    for c, rs in by.items():
+        if not rs:
+            continue
+        out[c] = {
+            "step_s": statistics.median(t for r in rs for t in r["times_s"]),
+            "step_s_per_run": run_medians[c],
+            # the ratio within each alternation round (runs next to each other in time)
+            "time_vs_peft_per_round": [t / p for t, p in zip(run_medians[c], run_medians["peft"])]
+            if run_medians.get("peft") else None,
+            "cpu_s": statistics.median(t for r in rs for t in r["cpu_s"]),
+            "peak_mb": statistics.median(r["peak_mb"] for r in rs),
+            "after_load_mb": statistics.median(r["after_load_mb"] for r in rs),
+            "overhead_mb": statistics.median(r["overhead_mb"] for r in rs),
+            "first_loss": rs[0]["losses"][0], "attn": rs[0]["attn"],
+            "trainable": rs[0]["trainable"],
+        }
+    return out
+
+
+def print_table(summary: dict, title: str) -> None:
+    ref = summary["peft"]
+    print(title)
+    print(f"{'':<8}{'step s':>8}{'cpu s':>8}{'peak MB':>9}{'overhead MB':>13}{'time/peft':>11}"
+          f"{'cpu/peft':>10}{'peak/peft':>11}{'ovh/peft':>10}  attn, first loss")
+    for c, s in summary.items():
+        print(f"{c:<8}{s['step_s']:>8.3f}{s['cpu_s']:>8.3f}{s['peak_mb']:>9.0f}"
+              f"{s['overhead_mb']:>13.0f}{s['step_s'] / ref['step_s']:>11.2f}"
+              f"{s['cpu_s'] / ref['cpu_s']:>10.2f}{s['peak_mb'] / ref['peak_mb']:>11.2f}"
+              f"{s['overhead_mb'] / ref['overhead_mb']:>10.2f}  {s['attn']}, {s['first_loss']:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1×64 tokens, 2 steps, 1 rep")
+    parser.add_argument("--reps", type=int, default=3,
+                        help="fresh runs per contender (alternating)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE",
+                        help="OMP_WAIT_POLICY for the runs ('' keeps the environment's); PASSIVE "
+                             "stops idle OpenMP threads spinning, which on a shared, "
+                             "oversubscribed machine otherwise inflates step times several-fold")
+    parser.add_argument("--only", default=",".join(CONTENDERS), help="comma list of contenders")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's top ops of one extra step per run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.batch, args.seq, args.steps, args.warmup,
+                                   args.threads, args.profile)))
+        return
+    if args.quick:
+        args.batch, args.seq, args.steps, args.warmup, args.reps = 1, 64, 2, 1, 1
+    order = [c for c in CONTENDERS if c in args.only.split(",")]
+    runs = []
+    for rep in range(args.reps):
+        for c in order:
+            runs.append(spawn(c, args))
+            step = statistics.median(runs[-1]["times_s"])
+            print(f"rep {rep + 1}/{args.reps} {c}: step {step:.3f} s, "
+                  f"peak {runs[-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+    summary = summarize(runs)
+    title = (f"LoRA r={RANK} all-linear on {MODEL}, batch {args.batch}×{args.seq}, fp32, "
+             f"{args.threads} threads, OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'}, "
+             f"median of {args.reps}×{args.steps} steps")
+    if "peft" in summary:
+        print_table(summary, title)
+    RESULTS.mkdir(exist_ok=True)
+    name = ("train_step_quick.json" if args.quick
+            else "train_step.json" if order == list(CONTENDERS)
+            else f"train_step_{'_'.join(order)}.json")
+    settings = {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "reps", "threads",
+                                              "omp_wait_policy")}
+    (RESULTS / name).write_text(json.dumps({"settings": settings, "summary": summary,
+                                            "runs": runs}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
