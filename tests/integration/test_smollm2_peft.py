@@ -127,7 +127,8 @@ def test_peft_made_adapters_load_with_equal_logits(smollm2, base_logits, prompt,
         expected = logits(peft_model, prompt)
         assert not torch.allclose(expected, base_logits, atol=1e-3), name
         splice.set_active_adapters(ours, name)
-        torch.testing.assert_close(logits(ours, prompt), expected, atol=ATOL, rtol=0, msg=name)
+        torch.testing.assert_close(logits(ours, prompt), expected, atol=ATOL, rtol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_merge_unmerge_and_merge_and_unload(smollm2, trained, prompt, tmp_path):

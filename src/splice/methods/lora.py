@@ -49,15 +49,15 @@ def init_lora_a(weight: torch.Tensor, init: str) -> None:
 # time (a third of LoRA's extra time per layer) and, interleaved on the heap with the
 # activations kept for backward, peak RSS through fragmentation (18% of a SmolLM2 LoRA step's
 # peak: bench/train_step.py). For a plain nn.Linear base, _LoRALinearFn runs the same math
-# with one output buffer each way:
-#     forward    y = x W₀ᵀ + b₀;   y += s·(x Aᵀ) Bᵀ                   (addmm in place)
+# with at most one transient (…, out) buffer each way:
+#     forward    y = x W₀ᵀ + b₀;   y += ((x Aᵀ) Bᵀ)·s                 (added in place)
 #     backward   g_h = s·∂y B (n, r);   ∂x = ∂y W₀ + g_h A             (addmm in place)
 #                ∂A = g_hᵀ x;   ∂B = s·∂yᵀ (x Aᵀ);   ∂W₀ = ∂yᵀ x;   ∂b₀ = Σ ∂y
 # Each gradient is computed only when its input needs it. It keeps only x (the input itself,
 # no copy, and only when A, B or W₀ trains) and recomputes the small x Aᵀ in backward rather
 # than keeping it between the activations. With dropout, the adapter reads x' = dropout(x):
 # x' is kept instead, and its gradient g_h A goes back through dropout. The result equals the
-# plain path up to fp rounding (s scales the product, not B's output).
+# plain path up to fp rounding.
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,9 @@ class _LoRALinearFn(torch.autograd.Function):
         xl = x if x_lora is None else x_lora
         y = F.linear(x, weight, bias)                                   # (..., out)
         h = _rows(xl) @ lora_a.T                                        # (n, r)
-        _rows(y).addmm_(h, lora_b.T, alpha=scaling)                     # (n, out)
+        # (h Bᵀ)·s then add, in the order the unfused path (and peft) rounds in: files trained
+        # here and there give the same logits to 1e-5 even for non-power-of-two scalings.
+        _rows(y).add_((h @ lora_b.T).mul_(scaling))                      # (n, out)
         need_x, need_xl, need_w, _, need_a, need_lb = ctx.needs_input_grad[:6]
         ctx.save_for_backward(x if need_w else None, xl if need_a or need_lb else None,
                               weight if need_x else None, lora_a, lora_b)
