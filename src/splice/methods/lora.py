@@ -35,6 +35,12 @@ def linear_shape(base: nn.Module) -> tuple[int, int, bool]:
     return base.in_features, base.out_features, False
 
 
+def adapter_factory(weight: torch.Tensor) -> dict:
+    """Adapter tensors live beside the base weight, in its dtype (fp32 under a non-float base)."""
+    return {"device": weight.device,
+            "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+
+
 def init_lora_a(weight: torch.Tensor, init: str) -> None:
     if init == "gaussian":
         nn.init.normal_(weight, std=1.0 / weight.shape[0])
@@ -126,7 +132,7 @@ class LoRALinear(AdapterLayer):
     def add_adapter(self, name: str, config: LoRAConfig, module_path: str) -> None:
         rank = config.rank_for(module_path)
         weight = self.base_weight()
-        factory = {"device": weight.device, "dtype": torch.float32 if not weight.is_floating_point() else weight.dtype}
+        factory = adapter_factory(weight)
         self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, **factory)
         self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -186,7 +192,7 @@ class LoRAEmbedding(AdapterLayer):
         rank = config.rank_for(module_path)
         weight = self.base_weight()
         num_embeddings, dim = weight.shape
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = adapter_factory(weight)
         self.lora_embedding_A[name] = nn.Parameter(torch.zeros(rank, num_embeddings, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, rank, **factory))
         self.scaling[name] = config.scaling_for(module_path)
