@@ -132,7 +132,7 @@ def trainable_biases(model: nn.Module, config: AdapterConfig, name: str) -> list
 def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make `names` the adapters forward applies (their sum); only they train."""
     names = [names] if isinstance(names, str) else list(names)
-    state = require_state(model)
+    require_state(model)
     for name in names:
         require_adapter(model, name)
     for path, layer in adapter_layers(model):

@@ -115,8 +115,19 @@ class _LoRALinearFn(torch.autograd.Function):
         return grad_x, grad_xl, grad_w, grad_b, grad_a, grad_lb, None
 
 
+class ScaledLoRALayer(AdapterLayer):
+    """Keeps each adapter's scale s = α/r (or α/√r), a plain float per adapter name."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.scaling: dict[str, float] = {}
+
+    def forget_adapter(self, name: str) -> None:
+        self.scaling.pop(name, None)
+
+
 @implements("lora", nn.Linear, *((Conv1D,) if Conv1D else ()))
-class LoRALinear(AdapterLayer):
+class LoRALinear(ScaledLoRALayer):
     """x ↦ W₀x + s·B(A(dropout(x))) for a linear base layer (nn.Linear or Conv1D)."""
 
     adapter_prefixes = ("lora_A", "lora_B", "lora_dropout")
@@ -127,7 +138,6 @@ class LoRALinear(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
 
     def add_adapter(self, name: str, config: LoRAConfig, module_path: str) -> None:
         rank = config.rank_for(module_path)
@@ -139,9 +149,6 @@ class LoRALinear(AdapterLayer):
         self.scaling[name] = config.scaling_for(module_path)
         init_lora_a(self.lora_A[name].weight, config.init)
         nn.init.zeros_(self.lora_B[name].weight)
-
-    def forget_adapter(self, name: str) -> None:
-        self.scaling.pop(name, None)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in), (out, r)
@@ -177,7 +184,7 @@ class LoRALinear(AdapterLayer):
 
 
 @implements("lora", nn.Embedding)
-class LoRAEmbedding(AdapterLayer):
+class LoRAEmbedding(ScaledLoRALayer):
     """ids ↦ E₀[ids] + s·(A[:, ids])ᵀ·Bᵀ: a low-rank update to the embedding table."""
 
     adapter_prefixes = ("lora_embedding_A", "lora_embedding_B")
@@ -186,7 +193,6 @@ class LoRAEmbedding(AdapterLayer):
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.scaling: dict[str, float] = {}
 
     def add_adapter(self, name: str, config: LoRAConfig, module_path: str) -> None:
         rank = config.rank_for(module_path)
@@ -196,9 +202,6 @@ class LoRAEmbedding(AdapterLayer):
         self.lora_embedding_A[name] = nn.Parameter(torch.zeros(rank, num_embeddings, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, rank, **factory))
         self.scaling[name] = config.scaling_for(module_path)
-
-    def forget_adapter(self, name: str) -> None:
-        self.scaling.pop(name, None)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, V), (d, r)
