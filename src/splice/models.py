@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
 from torch import nn  # noqa: E402
 from splice.core.errors import SpliceError  # noqa: E402
+from splice.quant.folder import is_quantized_folder, load_quantized  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModel,
@@ -125,7 +126,10 @@ def _load_folder(
     architectures = getattr(config, "architectures", None) or []
     causal = any(arch.endswith("ForCausalLM") for arch in architectures)
     auto_class = AutoModelForCausalLM if causal else AutoModel
-    model = auto_class.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    if is_quantized_folder(folder):
+        model = load_quantized(folder, auto_class, dtype)
+    else:
+        model = auto_class.from_pretrained(folder, dtype=dtype, local_files_only=True)
     tokenizer = None
     if any((folder / name).is_file() for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -2,7 +2,7 @@
 
 The rules are peft's, so a config means the same in both: a list entry matches a module whose
 dotted path equals it or ends with '.entry'; a string is a regex that must match the whole path;
-'all-linear' is every linear layer except the output head.
+'all-linear' is every linear layer (4-bit ones included) except the output head.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from torch import nn
 from splice.config.base import AdapterConfig
 from splice.core.errors import TargetError
 from splice.core.layer import AdapterLayer
+from splice.quant.linear4bit import Linear4bit
 
 try:  # GPT-2 style models store linear weights transposed in a Conv1D.
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a runtime dependency
     Conv1D = ()
 
-LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+# A frozen NF4 layer is still a linear layer to 'all-linear' (QLoRA adapts the 4-bit base).
+LINEAR_TYPES = (nn.Linear, Linear4bit) + ((Conv1D,) if Conv1D else ())
 
 
 def matches_name(target: tuple[str, ...] | str, path: str) -> bool:

@@ -17,9 +17,11 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from splice.config.lora import LoRAConfig
+from splice.core.errors import AdapterError
 from splice.core.layer import AdapterLayer
 from splice.core.registry import MethodSpec, implements, register_method
 from splice.core.targets import Conv1D
+from splice.quant.linear4bit import Linear4bit
 
 register_method(MethodSpec(
     name="lora", config_cls=LoRAConfig, peft_type="LORA",
@@ -126,9 +128,10 @@ class ScaledLoRALayer(AdapterLayer):
         self.scaling.pop(name, None)
 
 
-@implements("lora", nn.Linear, *((Conv1D,) if Conv1D else ()))
+@implements("lora", nn.Linear, Linear4bit, *((Conv1D,) if Conv1D else ()))
 class LoRALinear(ScaledLoRALayer):
-    """x ↦ W₀x + s·B(A(dropout(x))) for a linear base layer (nn.Linear or Conv1D)."""
+    """x ↦ W₀x + s·B(A(dropout(x))) for a linear base layer (nn.Linear, Conv1D, or a frozen
+    NF4 `Linear4bit`, which is QLoRA: the adapter trains in the compute dtype on top)."""
 
     adapter_prefixes = ("lora_A", "lora_B", "lora_dropout")
 
@@ -141,14 +144,23 @@ class LoRALinear(ScaledLoRALayer):
 
     def add_adapter(self, name: str, config: LoRAConfig, module_path: str) -> None:
         rank = config.rank_for(module_path)
-        weight = self.base_weight()
-        factory = adapter_factory(weight)
+        base = self.base_layer
+        factory = ({"device": base.device, "dtype": base.compute_dtype}
+                   if isinstance(base, Linear4bit) else adapter_factory(self.base_weight()))
         self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, **factory)
         self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling[name] = config.scaling_for(module_path)
         init_lora_a(self.lora_A[name].weight, config.init)
         nn.init.zeros_(self.lora_B[name].weight)
+
+    def base_weight(self) -> nn.Parameter:
+        if isinstance(self.base_layer, Linear4bit):
+            raise AdapterError(
+                "cannot merge into an NF4 (4-bit) base in place: adding ΔW and re-quantizing "
+                "loses information. Dequantize first (splice.quant.dequantize_model(model)), or "
+                "export with `splice merge`, which writes a 16-bit model (or --requantize)")
+        return super().base_weight()
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in), (out, r)
