@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splice.cli import demo, generate, merge, methods, params, train
+from splice.cli import demo, generate, merge, methods, params, quantize, train
 from splice.cli import eval as eval_command  # the module's name would shadow the builtin
 from splice.core.errors import SpliceError
 from splice.config.base import ConfigError
 
-SUBCOMMANDS = [demo, train, eval_command, generate, merge, params, methods]
+SUBCOMMANDS = [demo, train, eval_command, generate, merge, quantize, params, methods]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ FLAGS: dict[str, tuple[str, type | None, str]] = {
     "--batch-size": ("train.batch_size", TrainSection, "batch_size"),
     "--grad-accum": ("train.grad_accum", TrainSection, "grad_accum"),
     "--seed": ("train.seed", TrainSection, "seed"),
+    "--optimizer": ("train.optimizer", TrainSection, "optimizer"),
     "--save-every": ("train.save_every", TrainSection, "save_every"),
     "--eval-every": ("train.eval_every", TrainSection, "eval_every"),
 }

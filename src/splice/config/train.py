@@ -15,7 +15,7 @@ import yaml
 
 from splice.config.base import ConfigError, doc
 
-TRAIN_METHODS = ("lora", "full")
+TRAIN_METHODS = ("lora", "qlora", "full")
 OPTIMIZERS = ("adamw",)
 
 
@@ -33,8 +33,8 @@ class DataSection:
 
 @dataclass(frozen=True)
 class AdapterSection:
-    method: str = doc("What trains: 'lora' (an adapter) or 'full' (every weight, the baseline).",
-                      default="lora")
+    method: str = doc("What trains: 'lora' (an adapter), 'qlora' (LoRA on a frozen NF4 4-bit base) "
+                      "or 'full' (every weight, the baseline).", default="lora")
     rank: int = doc("LoRA rank r.", default=16)
     alpha: float | None = doc("LoRA alpha; default 2 x rank.", default=None)
     dropout: float = doc("Dropout on the adapter input.", default=0.0)
@@ -42,6 +42,9 @@ class AdapterSection:
                        default="all-linear")
     use_rslora: bool = doc("Scale by alpha/sqrt(rank) (rank-stabilised LoRA).", default=False)
     init: str = doc("Initialisation of A ('default' or 'gaussian').", default="default")
+    quant_block_size: int = doc("qlora: weights per NF4 block (one absmax each).", default=64)
+    double_quant: bool = doc("qlora: store the block absmax values in 8 bits (4.127 instead of "
+                             "4.5 bits per weight).", default=True)
 
     def __post_init__(self) -> None:
         if self.method not in TRAIN_METHODS:
@@ -61,7 +64,9 @@ class TrainSection:
     max_grad_norm: float = doc("Clip the gradient norm to this (0 disables).", default=1.0)
     grad_checkpointing: bool = doc("Recompute activations in backward to save memory.", default=False)
     seed: int = doc("Seed for init, shuffling and dropout (same seed, same run).", default=0)
-    optimizer: str = doc("Optimizer: 'adamw'.", default="adamw")
+    optimizer: str = doc("Optimizer: 'adamw', 'paged_adamw' (state in host memory, paged to the "
+                         "device per update) or 'adamw8bit' (8-bit blockwise moment estimates).",
+                         default="adamw")
     save_every: int = doc("Write a checkpoint every N steps (0: only at the end).", default=0)
     keep_last: int = doc("Checkpoints to keep.", default=2)
     eval_every: int = doc("Evaluate on eval data every N steps (0: only at the end).", default=0)

@@ -34,8 +34,11 @@ class QuantizationReport:
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path`, in the train/eval mode of what stood there."""
     parent_path, _, attr = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
+    parent = model.get_submodule(parent_path) if parent_path else model
+    module.train(getattr(parent, attr).training)
+    setattr(parent, attr, module)
 
 
 def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[tuple[str, nn.Linear]]:

@@ -25,6 +25,7 @@ from splice.core.attach import attach
 from splice.core.errors import SpliceError
 from splice.core.io import atomic_write, save_adapter
 from splice.models import load_model, model_fingerprint
+from splice.quant.surgery import quantize_model, quantized_layers
 from splice.train.batching import length_bucketed_batches
 from splice.train.checkpoint import list_checkpoints
 from splice.train.data import TokenizedDataset, data_fingerprint, load_jsonl, read_prompt_completions
@@ -59,6 +60,8 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> None:
         for param in model.parameters():
             param.requires_grad_(True)
     else:
+        if section.method == "qlora" and not quantized_layers(model):  # a 4-bit folder already is
+            quantize_model(model, block_size=section.quant_block_size, double_quant=section.double_quant)
         attach(model, LoRAConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
                                  target_modules=parse_targets(section.targets),
                                  use_rslora=section.use_rslora, init=section.init))
@@ -133,6 +136,14 @@ def measure_exact_match(model: nn.Module, tokenizer: Any,
 
 
 
+def base_quantization(config: TrainConfig) -> dict[str, Any] | None:
+    """How the frozen base was quantized during training (what a merge must reproduce)."""
+    if config.adapter.method != "qlora":
+        return None
+    return {"quant_type": "nf4", "block_size": config.adapter.quant_block_size,
+            "double_quant": config.adapter.double_quant}
+
+
 def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result: TrainResult,
                   fingerprint: str, train_data: TokenizedDataset, eval_data: TokenizedDataset | None) -> None:
     out = result.output
@@ -147,6 +158,7 @@ def write_outputs(model: nn.Module, tokenizer: Any, config: TrainConfig, result:
         "data_sha256": data_fingerprint(config.data.path),
         "eval_data_sha256": data_fingerprint(config.data.eval_path) if config.data.eval_path else None,
         "base_model_fingerprint": fingerprint,
+        "base_quantization": base_quantization(config),
         "data_stats": asdict(train_data.stats),
         "metrics": {"steps": result.steps, "final_train_loss": result.final_loss,
                     "eval_loss": result.eval_loss, "exact_match": result.exact_match,
