@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from splice.config.train import TrainConfig
 from splice.core.errors import SpliceError
+from splice.optim.factory import make_optimizer as build_optimizer
 from splice.train.batching import Batch, length_bucketed_batches, plain_batches
 from splice.train.checkpoint import Progress, list_checkpoints, load_checkpoint, save_checkpoint
 from splice.train.distributed import DistContext
@@ -67,7 +68,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise SpliceError("nothing to train: no parameter requires grad (attach an adapter first)")
-    return torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    return build_optimizer(config.train.optimizer, params, lr=config.train.lr,
+                           weight_decay=config.train.weight_decay)
 
 
 def count_steps(num_batches: int, config: TrainConfig, world: int = 1) -> int:
