@@ -1,6 +1,7 @@
 """LoRA training step on SmolLM2-135M: splice vs peft vs the frozen-model floor, time and peak RSS.
 
     .venv/bin/python bench/train_step.py [--quick] [--reps 3] [--steps 5] [--warmup 1]
+    .venv/bin/python bench/train_step.py --only splice,qlora
 
 Setup: all-linear LoRA, rank 16, alpha 32, dropout 0, fp32, 2 threads, batch 4 × 256 random
 token ids (seed 0), every token supervised, model.train(), AdamW over the trainable parameters.
@@ -10,6 +11,8 @@ token ids (seed 0), every token supervised, model.train(), AdamW over the traina
     floor   the frozen model (no adapters, no parameter gradients): forward from input
             embeddings that require grad, splice's fused loss, backward to the embeddings only.
             No optimizer. The least work any adapter method can do per step.
+    qlora   the splice contender on a base whose linear layers are NF4 (splice.quant.
+            quantize_model): the QLoRA benchmark, `--only splice,qlora` (ratios against splice).
 
 Each contender runs in its own fresh subprocess; the runs alternate (splice, peft, floor,
 splice, peft, floor, ...) so machine noise hits them alike. "step s" is the median wall time of
@@ -45,7 +48,8 @@ from pathlib import Path
 
 MODEL = "smollm2-135m"
 RANK, ALPHA, CHUNK = 16, 32, 256
-CONTENDERS = ("splice", "peft", "floor")
+CONTENDERS = ("splice", "peft", "floor", "qlora")
+DEFAULT_CONTENDERS = ("splice", "peft", "floor")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -58,6 +62,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def reset_peak_rss() -> None:
+    """Start the kernel's high-water mark (VmHWM) afresh, after returning freed heap to the OS,
+    so `hwm_mb` measures the training steps alone, not the loading before them."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def build(contender: str):
     """(model, step function, attention implementation) for one contender."""
     import torch
@@ -65,7 +86,11 @@ def build(contender: str):
     import splice
 
     model, _ = splice.load_model(MODEL)
-    if contender == "splice":
+    if contender == "qlora":
+        from splice.quant import quantize_model
+
+        quantize_model(model)
+    if contender in ("splice", "qlora"):
         splice.attach(model, splice.LoRAConfig(rank=RANK, alpha=ALPHA, dropout=0.0,
                                                target_modules="all-linear"))
         from splice.train.loss import causal_lm_loss
@@ -134,6 +159,7 @@ def run_child(contender: str, batch: int, seq: int, steps: int, warmup: int,
     labels = ids.clone()                                                      # all supervised
     after_load = rss_mb()
     peak_at_load = peak_rss_mb()
+    reset_peak_rss()
     times, cpu_times, losses = [], [], []
     for i in range(warmup + steps):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -142,12 +168,13 @@ def run_child(contender: str, batch: int, seq: int, steps: int, warmup: int,
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
     peak = peak_rss_mb()
+    train_peak = hwm_mb()
     if profile:
         print_profile(contender, step, ids, mask, labels)
     return {"contender": contender, "times_s": times, "cpu_s": cpu_times, "losses": losses,
             "attn": attn,
             "trainable": trainable, "after_load_mb": after_load, "peak_at_load_mb": peak_at_load,
-            "peak_mb": peak, "overhead_mb": peak - after_load}
+            "peak_mb": peak, "overhead_mb": peak - after_load, "train_peak_mb": train_peak}
 
 
 def spawn(contender: str, args: argparse.Namespace) -> dict:
@@ -178,26 +205,31 @@ def summarize(runs: list[dict]) -> dict:
             # the ratio within each alternation round (runs next to each other in time)
             "time_vs_peft_per_round": [t / p for t, p in zip(run_medians[c], run_medians["peft"])]
             if run_medians.get("peft") else None,
+            "time_vs_splice_per_round": [t / p for t, p in zip(run_medians[c], run_medians["splice"])]
+            if run_medians.get("splice") else None,
             "cpu_s": statistics.median(t for r in rs for t in r["cpu_s"]),
             "peak_mb": statistics.median(r["peak_mb"] for r in rs),
             "after_load_mb": statistics.median(r["after_load_mb"] for r in rs),
             "overhead_mb": statistics.median(r["overhead_mb"] for r in rs),
+            "train_peak_mb": statistics.median(r["train_peak_mb"] for r in rs),
             "first_loss": rs[0]["losses"][0], "attn": rs[0]["attn"],
             "trainable": rs[0]["trainable"],
         }
     return out
 
 
-def print_table(summary: dict, title: str) -> None:
-    ref = summary["peft"]
+def print_table(summary: dict, title: str, ref_name: str) -> None:
+    ref = summary[ref_name]
     print(title)
-    print(f"{'':<8}{'step s':>8}{'cpu s':>8}{'peak MB':>9}{'overhead MB':>13}{'time/peft':>11}"
-          f"{'cpu/peft':>10}{'peak/peft':>11}{'ovh/peft':>10}  attn, first loss")
+    r = ref_name
+    print(f"{'':<8}{'step s':>8}{'cpu s':>8}{'peak MB':>9}{'overhead MB':>13}{'time/' + r:>13}"
+          f"{'cpu/' + r:>12}{'peak/' + r:>13}{'ovh/' + r:>12}{'train peak MB':>15}  attn, first loss")
     for c, s in summary.items():
         print(f"{c:<8}{s['step_s']:>8.3f}{s['cpu_s']:>8.3f}{s['peak_mb']:>9.0f}"
-              f"{s['overhead_mb']:>13.0f}{s['step_s'] / ref['step_s']:>11.2f}"
-              f"{s['cpu_s'] / ref['cpu_s']:>10.2f}{s['peak_mb'] / ref['peak_mb']:>11.2f}"
-              f"{s['overhead_mb'] / ref['overhead_mb']:>10.2f}  {s['attn']}, {s['first_loss']:.4f}")
+              f"{s['overhead_mb']:>13.0f}{s['step_s'] / ref['step_s']:>13.2f}"
+              f"{s['cpu_s'] / ref['cpu_s']:>12.2f}{s['peak_mb'] / ref['peak_mb']:>13.2f}"
+              f"{s['overhead_mb'] / ref['overhead_mb']:>12.2f}{s['train_peak_mb']:>15.0f}"
+              f"  {s['attn']}, {s['first_loss']:.4f}")
 
 
 def main() -> None:
@@ -215,7 +247,10 @@ def main() -> None:
                         help="OMP_WAIT_POLICY for the runs ('' keeps the environment's); PASSIVE "
                              "stops idle OpenMP threads spinning, which on a shared, "
                              "oversubscribed machine otherwise inflates step times several-fold")
-    parser.add_argument("--only", default=",".join(CONTENDERS), help="comma list of contenders")
+    parser.add_argument("--only", default=",".join(DEFAULT_CONTENDERS),
+                        help=f"comma list of contenders from {', '.join(CONTENDERS)} (qlora: the "
+                             "splice contender on an NF4 base; `--only splice,qlora` is the QLoRA "
+                             "benchmark)")
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's top ops of one extra step per run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -238,11 +273,10 @@ def main() -> None:
     title = (f"LoRA r={RANK} all-linear on {MODEL}, batch {args.batch}×{args.seq}, fp32, "
              f"{args.threads} threads, OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'}, "
              f"median of {args.reps}×{args.steps} steps")
-    if "peft" in summary:
-        print_table(summary, title)
+    print_table(summary, title, "peft" if "peft" in summary else order[0])
     RESULTS.mkdir(exist_ok=True)
     name = ("train_step_quick.json" if args.quick
-            else "train_step.json" if order == list(CONTENDERS)
+            else "train_step.json" if order == list(DEFAULT_CONTENDERS)
             else f"train_step_{'_'.join(order)}.json")
     settings = {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "reps", "threads",
                                               "omp_wait_policy")}

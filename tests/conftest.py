@@ -47,13 +47,19 @@ def tiny_llama() -> LlamaForCausalLM:
 
 @pytest.fixture
 def tiny_gpt2() -> GPT2LMHeadModel:
-    """A fresh random 2-layer GPT-2 (Conv1D layers, tied embeddings), in eval mode."""
+    """A fresh random 2-layer GPT-2 (Conv1D layers, tied embeddings, random biases), in eval mode."""
     torch.manual_seed(0)
     config = GPT2Config(
         n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64,
         bos_token_id=0, eos_token_id=0,
     )
-    return GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(config).eval()
+    # GPT-2 initialises its biases to zero; random ones let a merge that forgets a bias fail.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.02)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,10 @@ class MethodCase:
     mergeable: bool = True
     peft_compatible: bool = True
     kinds: tuple[str, ...] = ("llama", "gpt2")
+    # False where a fresh adapter changes the output by design (virtual tokens are attended to
+    # from the start); the method's own tests check what holds at init instead.
+    fresh_is_base: bool = True
+    peft_extra_positions: int = 0   # leading logits positions peft returns and splice drops
 
 
 def lora_targets(kind: str) -> list[str]:
@@ -42,6 +46,28 @@ CASES: list[MethodCase] = [
         rank_pattern={lora_targets(kind)[0]: 2}, alpha_pattern={lora_targets(kind)[1]: 3.0})),
     MethodCase("lora-embedding", lambda kind: splice.LoRAConfig(
         rank=4, target_modules={"llama": ["embed_tokens", "o_proj"], "gpt2": ["wpe", "c_fc"]}[kind])),
+    # IA³: the default targets (k/v/down; c_attn/mlp.c_proj, feed-forward down_proj/mlp.c_proj),
+    # and every linear with the default feed-forward modules (the file records them as a regex).
+    MethodCase("ia3", lambda kind: splice.IA3Config()),
+    MethodCase("ia3-all-linear", lambda kind: splice.IA3Config(target_modules="all-linear")),
+    # Bottleneck adapters: splice's own file format, not mergeable.
+    MethodCase("adapter-houlsby", lambda kind: splice.BottleneckConfig(bottleneck_size=8),
+               mergeable=False, peft_compatible=False),
+    MethodCase("adapter-pfeiffer-gelu", lambda kind: splice.BottleneckConfig(
+        placement="pfeiffer", bottleneck_size=8, activation="gelu", dropout=0.1),
+               mergeable=False, peft_compatible=False),
+    # Prompt / prefix tuning change the input: not mergeable, and not the base at step 0 (see
+    # splice.methods.prompt, Note: Virtual tokens are never zero-effect). peft's prompt-tuning
+    # logits keep the 3 virtual positions.
+    MethodCase("prompt", lambda kind: splice.PromptTuningConfig(num_virtual_tokens=3),
+               mergeable=False, fresh_is_base=False, peft_extra_positions=3),
+    MethodCase("prefix", lambda kind: splice.PrefixTuningConfig(num_virtual_tokens=3),
+               mergeable=False, fresh_is_base=False),
+    MethodCase("prefix-projection", lambda kind: splice.PrefixTuningConfig(
+        num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
+               mergeable=False, fresh_is_base=False),
+    # DoRA: LoRA's file format with use_dora and a magnitude vector per module.
+    MethodCase("dora", lambda kind: splice.DoRAConfig(rank=4, target_modules=lora_targets(kind))),
 ]
 
 

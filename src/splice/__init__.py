@@ -8,6 +8,11 @@
 
 from splice import methods as _methods  # noqa: F401  (registers every method)
 from splice.config import AdapterConfig, ConfigError, LoRAConfig
+from splice.config.bottleneck import BottleneckConfig
+from splice.config.dora import DoRAConfig
+from splice.config.ia3 import IA3Config
+from splice.config.prefix import PrefixTuningConfig
+from splice.config.prompt import PromptTuningConfig
 from splice.core.accounting import TrainableCount, count_trainable
 from splice.core.attach import (active_adapters, attach, delete_adapter, disable_adapters,
                                 list_adapters, set_active_adapters)
@@ -21,6 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterError", "AdapterFileError", "ConfigError", "LoRAConfig",
+    "BottleneckConfig", "DoRAConfig", "IA3Config",
+    "PrefixTuningConfig", "PromptTuningConfig",
     "SpliceError", "TargetError", "TrainableCount", "active_adapters", "attach", "count_trainable",
     "delete_adapter", "disable_adapters", "list_adapters", "load_adapter", "load_model",
     "merge_adapter", "merge_and_unload", "method_table", "save_adapter", "set_active_adapters",

@@ -36,6 +36,8 @@ def kind_of(model) -> str:
 
 
 def test_fresh_adapter_is_exactly_the_base(case, base_model):
+    if not case.fresh_is_base:
+        pytest.skip("a fresh adapter of this method changes the output by design")
     ids = token_ids(base_model)
     expected = logits(base_model, ids)
     splice.attach(base_model, case.make_config(kind_of(base_model)))
@@ -99,7 +101,8 @@ def test_peft_loads_our_file_with_equal_logits(case, base_model, tmp_path):
     ids = token_ids(model)
     splice.save_adapter(model, tmp_path)
     peft_model = PeftModel.from_pretrained(base, tmp_path).eval()
-    torch.testing.assert_close(logits(peft_model, ids), logits(model, ids), atol=case.peft_atol, rtol=0)
+    expected = logits(peft_model, ids)[:, case.peft_extra_positions:]
+    torch.testing.assert_close(expected, logits(model, ids), atol=case.peft_atol, rtol=0)
 
 
 def test_merge_and_unload_gives_a_plain_reloadable_model(case, base_model, tmp_path):

@@ -177,3 +177,9 @@ def test_quantized_folder_round_trip_gives_identical_logits(tied, tmp_path):
     assert torch.equal(logits(loaded, ids), expected)
     with pytest.raises(FileExistsError):
         save_quantized(model, tmp_path / "q4")
+
+
+def test_parameter_counts_include_the_quantized_weights(tiny_llama):
+    before = splice.core.accounting.count_trainable(tiny_llama).total
+    quantize_model(tiny_llama)
+    assert splice.core.accounting.count_trainable(tiny_llama).total == before

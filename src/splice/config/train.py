@@ -15,8 +15,10 @@ import yaml
 
 from splice.config.base import ConfigError, doc
 
-TRAIN_METHODS = ("lora", "qlora", "full")
-OPTIMIZERS = ("adamw",)
+# Every registered adapter method, plus 'qlora' (LoRA on an NF4 base) and 'full'. A test checks
+# this against the registry (configs sit below the registry and do not import it).
+TRAIN_METHODS = ("lora", "qlora", "dora", "ia3", "prompt", "prefix", "adapter", "full")
+OPTIMIZERS = ("adamw", "paged_adamw", "adamw8bit")
 
 
 @dataclass(frozen=True)
@@ -33,15 +35,29 @@ class DataSection:
 
 @dataclass(frozen=True)
 class AdapterSection:
-    method: str = doc("What trains: 'lora' (an adapter), 'qlora' (LoRA on a frozen NF4 4-bit base) "
-                      "or 'full' (every weight, the baseline).", default="lora")
-    rank: int = doc("LoRA rank r.", default=16)
-    alpha: float | None = doc("LoRA alpha; default 2 x rank.", default=None)
-    dropout: float = doc("Dropout on the adapter input.", default=0.0)
-    targets: str = doc("Modules to adapt: 'all-linear', a comma list of names, or a regex.",
-                       default="all-linear")
+    """The adapter to train. Fields a method does not have are ignored for it; unset (None)
+    fields take the method's own default."""
+
+    method: str = doc("What trains: 'lora', 'qlora' (LoRA on a frozen NF4 4-bit base), 'dora', "
+                      "'ia3', 'prompt' (prompt tuning), 'prefix' (prefix tuning), 'adapter' "
+                      "(bottleneck adapters) or 'full' (every weight, the baseline).", default="lora")
+    rank: int = doc("LoRA / DoRA rank r.", default=16)
+    alpha: float | None = doc("LoRA / DoRA alpha; default 2 x rank.", default=None)
+    dropout: float | None = doc("Dropout on the adapter input (lora, dora, adapter).", default=None)
+    targets: str | None = doc("Modules to adapt: 'all-linear', a comma list of names, or a regex; "
+                              "default all-linear for LoRA/DoRA, the method's own otherwise.",
+                              default=None)
     use_rslora: bool = doc("Scale by alpha/sqrt(rank) (rank-stabilised LoRA).", default=False)
-    init: str = doc("Initialisation of A ('default' or 'gaussian').", default="default")
+    init: str | None = doc("Initialisation: LoRA 'default' | 'gaussian'; prompt 'random' | 'text'; "
+                           "prefix 'random' | 'zero' | 'text'.", default=None)
+    init_text: str | None = doc("prompt / prefix: the text whose tokens start the virtual tokens "
+                                "(with init='text').", default=None)
+    num_virtual_tokens: int | None = doc("prompt / prefix: virtual tokens before the input.", default=None)
+    prefix_projection: bool | None = doc("prefix: train the prefix through an MLP.", default=None)
+    bottleneck_size: int | None = doc("adapter: width of the bottleneck.", default=None)
+    placement: str | None = doc("adapter: 'houlsby' (after attention and MLP) or 'pfeiffer' (MLP).",
+                                default=None)
+    activation: str | None = doc("adapter: 'relu', 'gelu' or 'silu'.", default=None)
     quant_block_size: int = doc("qlora: weights per NF4 block (one absmax each).", default=64)
     double_quant: bool = doc("qlora: store the block absmax values in 8 bits (4.127 instead of "
                              "4.5 bits per weight).", default=True)

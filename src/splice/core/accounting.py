@@ -25,10 +25,13 @@ class TrainableCount:
 
 
 def count_trainable(model: nn.Module) -> TrainableCount:
-    """Trainable and total parameters; a tied tensor counts once."""
+    """Trainable and total parameters; a tied tensor counts once. A quantized layer holds its
+    frozen weight packed in buffers and says how many parameters those stand for
+    (`packed_param_count`); they count in the total."""
     params = list(model.parameters())
+    packed = sum(getattr(m, "packed_param_count", 0) for m in model.modules())
     return TrainableCount(sum(p.numel() for p in params if p.requires_grad),
-                          sum(p.numel() for p in params))
+                          sum(p.numel() for p in params) + packed)
 
 
 def adapter_parameters_by_module_type(model: nn.Module, name: str) -> dict[str, int]:

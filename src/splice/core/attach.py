@@ -12,14 +12,14 @@ from torch import nn
 from splice.config.base import AdapterConfig
 from splice.core.errors import AdapterError, TargetError
 from splice.core.keys import load_adapter_weights
-from splice.core.layer import AdapterLayer, adapter_layers
+from splice.core.layer import AdapterLayer, ModelLevelLayer, adapter_layers
 from splice.core.modules_to_save import ModulesToSaveLayer
 from splice.core.registry import MethodSpec, method_for_config
 from splice.core.state import (AdapterEntry, AdapterState, drop_state, get_state, require_adapter,
                                require_state)
 from splice.core.targets import iter_targets, matches_name, no_match_error
 from splice.core.merging import merge_adapter, merged_adapter_names, unmerge_adapter
-from splice.core.transaction import Transaction, parent_of
+from splice.core.transaction import Transaction
 
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in per-row routing
 
@@ -40,6 +40,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *,
     """
     check_adapter_name(name)
     spec = method_for_config(config)
+    if spec.model_adapter is not None:
+        config = spec.model_adapter.complete_config(model, config)
     state = get_state(model)
     if state is not None and name in state.adapters:
         raise AdapterError(f"the model already has an adapter named {name!r}; pick another name "
@@ -48,6 +50,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *,
     saved = plan_saved_modules(model, config)
     with Transaction(model) as tx:
         state = open_state(model, tx)
+        if spec.model_adapter is not None:
+            add_to_model(tx, model, spec.model_adapter, config, name)
         for path, module in targets:
             add_to_module(tx, path, module, spec.layer_class_for(base_of(module)), config, name)
         for path, module in saved:
@@ -113,6 +117,22 @@ def add_to_module(tx: Transaction, path: str, module: nn.Module, layer_cls: type
     if not isinstance(module, AdapterLayer):
         layer = layer_cls(module)
         tx.swap_module(path, layer)
+    layer.add_adapter(name, config, path)
+    # New modules start in training mode; an adapter attached to a model in eval mode must not
+    # run its dropout (its outputs would change from call to call).
+    layer.train(module.training)
+    tx.on_undo(lambda: layer.remove_adapter(name))
+
+
+def add_to_model(tx: Transaction, model: nn.Module, layer_cls: type[ModelLevelLayer],
+                 config: AdapterConfig, name: str) -> None:
+    """Add adapter `name` to the model-level layer of its method, installing that layer first."""
+    path = layer_cls.module_name
+    layer = getattr(model, path, None)
+    if layer is None:
+        layer = layer_cls.install(model)
+        tx.on_undo(lambda: layer.detach_from(model, path))
+        layer.train(model.training)
     layer.add_adapter(name, config, path)
     tx.on_undo(lambda: layer.remove_adapter(name))
 
@@ -205,8 +225,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if layer.has_adapter(name):
             layer.remove_adapter(name)
             if not layer.adapter_names:
-                parent, attr = parent_of(model, path)
-                setattr(parent, attr, layer.base_layer)
+                layer.detach_from(model, path)
     del state.adapters[name]
     state.active = [n for n in state.active if n != name]
     if state.adapters:

@@ -5,16 +5,22 @@ ModuleDicts / ParameterDicts whose attribute names carry the method prefix (`lor
 The state-dict key of an adapter tensor is therefore `<prefix>.<adapter name>[.<rest>]`, and the
 peft file key is the same with the adapter name removed. Generic code (attach, merge, save) uses
 only this protocol and never names a method.
+
+A `ModelLevelLayer` is the same protocol for a method that wraps no module but changes the
+model's input (virtual tokens, a key/value prefix): it sits on the model itself.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from splice.config.base import AdapterConfig
+from splice.core.transaction import parent_of
+
+FILE_PREFIX = "base_model.model."
 
 
 class AdapterLayer(nn.Module):
@@ -92,11 +98,70 @@ class AdapterLayer(nn.Module):
         prefix = self.file_prefixes.get(prefix, prefix)
         return ".".join(p for p in (prefix, rest) if p)
 
+    def file_key_prefix(self, path: str) -> str:
+        """What comes before a `file_key` in the file: this layer's model path."""
+        return f"{FILE_PREFIX}{path}."
+
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors as its file holds them, by file key suffix (live parameters)."""
+        return {self.file_key(key, name): param for key, param in self.adapter_parameters(name)}
+
+    @torch.no_grad()
+    def load_file_tensors(self, name: str, values: Mapping[str, torch.Tensor]) -> None:
+        """Take file values (keyed and shaped like `file_tensors`, checked) into adapter `name`."""
+        tensors = self.file_tensors(name)
+        for key, value in values.items():
+            tensors[key].copy_(value.to(tensors[key].dtype))
+
+    def detach_from(self, model: nn.Module, path: str, replacement: nn.Module | None = None) -> None:
+        """Leave the model: `replacement` (default: the base module) takes this layer's place."""
+        parent, attr = parent_of(model, path)
+        setattr(parent, attr, self.base_layer if replacement is None else replacement)
+
     def base_weight(self) -> nn.Parameter:
         return self.base_layer.weight
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}"
+
+
+class ModelLevelLayer(AdapterLayer):
+    """An adapter layer that wraps no module: it changes the model's input (through hooks it
+    installs) and lives on the model as `model.<module_name>`, one per method. attach puts it
+    there on the method's first adapter (`MethodSpec.model_adapter`); `detach_from` removes it
+    and its hooks. Its file keys carry no module path."""
+
+    #: the attribute of the model that holds it; 'adapter_' keeps target matching out of it
+    module_name: ClassVar[str] = ""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        # The module whose input it changes is referenced, not owned: as a registered child it
+        # would appear a second time in the model's state dict and module list.
+        del self._modules["base_layer"]
+        self.__dict__["base_layer"] = base_layer
+
+    @classmethod
+    def complete_config(cls, model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+        """The config with what it derives from the model filled in (checked where given)."""
+        return config
+
+    @classmethod
+    def install(cls, model: nn.Module) -> "ModelLevelLayer":
+        """Create the layer, set it as `model.<module_name>` and hook it into the forward."""
+        raise NotImplementedError
+
+    def remove_hooks(self) -> None:
+        """Undo what `install` hooked into the forward."""
+        raise NotImplementedError
+
+    def detach_from(self, model: nn.Module, path: str, replacement: nn.Module | None = None) -> None:
+        self.remove_hooks()
+        parent, attr = parent_of(model, path)
+        delattr(parent, attr)
+
+    def file_key_prefix(self, path: str) -> str:
+        return ""
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

@@ -73,9 +73,7 @@ def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None)
     pending = [n for n in names if n not in merged_adapter_names(model)]
     merge_adapter(model, pending)
     for path, layer in list(adapter_layers(model)):
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, replacement_for(layer, names))
+        layer.detach_from(model, path, replacement_for(layer, names))
     for param_name, param in model.named_parameters():
         param.requires_grad_(state.base_requires_grad.get(param_name, True))
     model.__dict__.pop("splice_adapters", None)

@@ -27,6 +27,9 @@ class MethodSpec:
     peft_type: str | None = None
     matches_peft: Callable[[Mapping[str, Any]], bool] | None = None
     layer_types: dict[type, type] = field(default_factory=dict)
+    #: a ModelLevelLayer class, for a method that changes the model's input instead of wrapping
+    #: modules (attach installs one on the model and adds each adapter to it)
+    model_adapter: type | None = None
 
     def layer_class_for(self, module: nn.Module) -> type | None:
         """The wrapper class for a base module, by exact type first, then by subclass."""

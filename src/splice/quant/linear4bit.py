@@ -109,6 +109,11 @@ class Linear4bit(nn.Module):
                          offset=buffer("offset"), double_block_size=self.double_block_size)
 
     @property
+    def packed_param_count(self) -> int:
+        """Weights the NF4 buffers stand for (parameter counts include them)."""
+        return self.out_features * self.in_features
+
+    @property
     def device(self) -> torch.device:
         return self.nf4_packed.device
 

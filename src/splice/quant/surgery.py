@@ -72,8 +72,25 @@ def quantize_model(model: nn.Module, *, block_size: int = 64, double_quant: bool
     params = sum(layer.weight.numel() for _, layer in targets)
     for path, quantized in swaps:
         _set_submodule(model, path, quantized)
+    _rehome_kept_tensors(model)
     return QuantizationReport(modules=len(swaps), quantized_params=params, bytes_before=bytes_before,
                               bytes_after=sum(q.storage_bytes() for _, q in swaps))
+
+
+@torch.no_grad()
+def _rehome_kept_tensors(model: nn.Module) -> None:
+    """Copy the tensors that stay in full precision (embeddings, norms, the head) into memory of
+    their own. A model loaded from safetensors holds views of one memory-mapped file; as long as
+    any view lives the whole mapping stays, and every page the quantizer read counts as resident:
+    without this, dropping the full-precision linear weights frees nothing. A tied parameter is
+    one object, so it is copied once and stays tied."""
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            param.data = param.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.clone()
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, Linear4bit]]:

@@ -7,6 +7,7 @@ The output folder holds the adapter in peft's format (or, for full fine-tuning, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -17,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from splice.config.base import parse_targets
-from splice.config.lora import LoRAConfig
-from splice.config.train import TrainConfig
+from splice.config.base import AdapterConfig, parse_targets
+from splice.config.train import AdapterSection, TrainConfig
 from splice.core.accounting import count_trainable
 from splice.core.attach import attach
 from splice.core.errors import SpliceError
+from splice.core.registry import get_method
 from splice.core.io import atomic_write, save_adapter
 from splice.models import load_model, model_fingerprint
 from splice.quant.surgery import quantize_model, quantized_layers
@@ -53,7 +54,30 @@ def say(message: str, dist: DistContext | None = None) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def prepare_model(model: nn.Module, config: TrainConfig) -> None:
+# AdapterSection field -> config field, where the names differ.
+_RENAMED = {"targets": "target_modules"}
+# Methods that adapt every linear layer unless told otherwise.
+_ALL_LINEAR_BY_DEFAULT = ("lora", "dora")
+
+
+def adapter_config(section: AdapterSection, tokenizer: Any = None) -> AdapterConfig:
+    """The method's config from the section: each field the method's config has, when set."""
+    spec = get_method("lora" if section.method == "qlora" else section.method)
+    accepted = {f.name for f in dataclasses.fields(spec.config_cls)}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        name = _RENAMED.get(f.name, f.name)
+        value = getattr(section, f.name)
+        if name in accepted and value is not None:
+            values[name] = parse_targets(value) if name == "target_modules" else value
+    if "target_modules" not in values and spec.name in _ALL_LINEAR_BY_DEFAULT:
+        values["target_modules"] = "all-linear"
+    if values.get("init") == "text" and "tokenizer_name_or_path" in accepted and tokenizer is not None:
+        values["tokenizer_name_or_path"] = tokenizer.name_or_path
+    return spec.config_cls(**values)
+
+
+def prepare_model(model: nn.Module, config: TrainConfig, tokenizer: Any = None) -> None:
     """Attach the adapter (or unfreeze everything for full fine-tuning)."""
     section = config.adapter
     if section.method == "full":
@@ -62,9 +86,7 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> None:
     else:
         if section.method == "qlora" and not quantized_layers(model):  # a 4-bit folder already is
             quantize_model(model, block_size=section.quant_block_size, double_quant=section.double_quant)
-        attach(model, LoRAConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
-                                 target_modules=parse_targets(section.targets),
-                                 use_rslora=section.use_rslora, init=section.init))
+        attach(model, adapter_config(section, tokenizer))
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -95,7 +117,7 @@ def _run(config: TrainConfig, resume: bool, show_progress: bool, dist: DistConte
     seed_everything(config.train.seed)
     model, tokenizer = load_model(config.model)
     fingerprint = model_fingerprint(model)
-    prepare_model(model, config)
+    prepare_model(model, config, tokenizer)
     train_data = load_data(config.data.path, tokenizer, config, dist)
     eval_data = load_data(config.data.eval_path, tokenizer, config, dist) if config.data.eval_path else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
