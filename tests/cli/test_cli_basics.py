@@ -51,6 +51,9 @@ def test_methods_lists_every_registered_method(capsys):
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert ("yes" in line) == spec.mergeable
         assert spec.trains in line
+        assert f"{spec.file_format} ({spec.peft_type})" in line
+    assert set(METHODS) >= {"lora", "dora", "ia3", "prompt", "prefix", "adapter"}
+    assert METHODS["adapter"].file_format == "splice"  # peft cannot load bottleneck adapters
 
 
 def test_unknown_model_error_names_known_models(capsys):

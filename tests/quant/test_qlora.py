@@ -183,3 +183,31 @@ def test_parameter_counts_include_the_quantized_weights(tiny_llama):
     before = splice.core.accounting.count_trainable(tiny_llama).total
     quantize_model(tiny_llama)
     assert splice.core.accounting.count_trainable(tiny_llama).total == before
+
+
+def test_attach_with_quantize_equals_quantize_then_attach(tiny_llama):
+    reference = copy.deepcopy(tiny_llama)
+    quantize_model(reference)
+    torch.manual_seed(5)
+    splice.attach(reference, splice.LoRAConfig(rank=4, target_modules="all-linear"))
+    randomize_adapter(reference)
+    torch.manual_seed(5)
+    splice.attach(tiny_llama, splice.LoRAConfig(rank=4, target_modules="all-linear"), quantize="nf4")
+    randomize_adapter(tiny_llama)
+    assert isinstance(tiny_llama.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
+    assert all(not m.training for m in tiny_llama.modules())
+    ids = token_ids(tiny_llama)
+    assert torch.equal(logits(tiny_llama, ids), logits(reference, ids))
+    # a second adapter on the now 4-bit base: nothing left to quantize, nothing refused
+    splice.attach(tiny_llama, splice.LoRAConfig(rank=2, target_modules=["q_proj"]), "second", quantize="nf4")
+
+
+def test_a_failed_attach_with_quantize_leaves_the_full_precision_model(tiny_llama):
+    before = snapshot(tiny_llama)
+    with pytest.raises(splice.TargetError):
+        splice.attach(tiny_llama, splice.LoRAConfig(rank=4, target_modules=["no_such_module"]),
+                      quantize="nf4")
+    assert_same_snapshot(before, snapshot(tiny_llama))
+    assert not any(isinstance(m, Linear4bit) for m in tiny_llama.modules())
+    with pytest.raises(splice.AdapterError, match="nf4"):
+        splice.attach(tiny_llama, splice.LoRAConfig(rank=4, target_modules="all-linear"), quantize="int3")

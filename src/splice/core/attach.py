@@ -17,9 +17,10 @@ from splice.core.modules_to_save import ModulesToSaveLayer
 from splice.core.registry import MethodSpec, method_for_config
 from splice.core.state import (AdapterEntry, AdapterState, drop_state, get_state, require_adapter,
                                require_state)
-from splice.core.targets import iter_targets, matches_name, no_match_error
+from splice.core.targets import is_adapter_internal, iter_targets, matches_name, no_match_error
 from splice.core.merging import merge_adapter, merged_adapter_names, unmerge_adapter
 from splice.core.transaction import Transaction
+from splice.quant.surgery import plan_quantization, quantizable_linears, rehome_kept_tensors
 
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in per-row routing
 
@@ -31,12 +32,16 @@ def check_adapter_name(name: str) -> None:
 
 
 def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *,
-           activate: bool = True, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+           activate: bool = True, weights: Mapping[str, torch.Tensor] | None = None,
+           quantize: str | None = None) -> nn.Module:
     """Wrap every module `config` targets with adapter `name` and return the same model.
 
-    With `weights` (keys as in peft's adapter files) the new adapter takes those values. On any
-    error the model is left exactly as it was. Afterwards only the active adapters' parameters
-    (plus their modules_to_save copies and, when `config.bias` asks, biases) require grad.
+    With `weights` (keys as in peft's adapter files) the new adapter takes those values. With
+    `quantize="nf4"` the base's linear layers (all but the output head) first become frozen 4-bit
+    `Linear4bit` layers, so the adapter trains on a 4-bit base (QLoRA); layers already in 4 bits
+    stay as they are. On any error the model is left exactly as it was. Afterwards only the
+    active adapters' parameters (plus their modules_to_save copies and, when `config.bias` asks,
+    biases) require grad.
     """
     check_adapter_name(name)
     spec = method_for_config(config)
@@ -46,9 +51,17 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *,
     if state is not None and name in state.adapters:
         raise AdapterError(f"the model already has an adapter named {name!r}; pick another name "
                            "or remove it first with splice.delete_adapter(model, name)")
-    targets = plan_targets(model, config, spec)
-    saved = plan_saved_modules(model, config)
+    quantized = plan_base_quantization(model, quantize)
+    if not quantized:
+        targets = plan_targets(model, config, spec)
+        saved = plan_saved_modules(model, config)
     with Transaction(model) as tx:
+        if quantized:
+            for path, layer in quantized:
+                tx.swap_module(path, layer)
+            rehome_kept_tensors(model)
+            targets = plan_targets(model, config, spec)
+            saved = plan_saved_modules(model, config)
         state = open_state(model, tx)
         if spec.model_adapter is not None:
             add_to_model(tx, model, spec.model_adapter, config, name)
@@ -64,6 +77,25 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *,
         tx.on_undo(lambda: set_layer_activity(model, previous))
         set_active_adapters(model, [name] if activate else previous)
     return model
+
+
+QUANTIZATIONS = ("nf4",)
+
+
+def plan_base_quantization(model: nn.Module, quantize: str | None) -> list[tuple[str, nn.Module]]:
+    """The 4-bit layers to swap in before attaching (none without `quantize`)."""
+    if quantize is None:
+        return []
+    if quantize not in QUANTIZATIONS:
+        raise AdapterError(f"quantize={quantize!r} is not supported; choose one of "
+                           f"{', '.join(QUANTIZATIONS)} (or None for a full-precision base)")
+    if get_state(model) is None:
+        return plan_quantization(model)
+    if any(not is_adapter_internal(path) for path, _ in quantizable_linears(model)):
+        raise AdapterError("the model already carries adapters on a full-precision base; quantize "
+                           "when attaching the first adapter (or call splice.quant.quantize_model "
+                           "before any attach)")
+    return []
 
 
 def base_of(module: nn.Module) -> nn.Module:

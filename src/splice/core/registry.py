@@ -25,6 +25,9 @@ class MethodSpec:
     mergeable: bool
     why_not_mergeable: str = ""
     peft_type: str | None = None
+    #: whose format the adapter folder follows: "peft" (peft and servers built on it load it)
+    #: or "splice" (same folder layout, a peft_type only splice knows)
+    file_format: str = "peft"
     matches_peft: Callable[[Mapping[str, Any]], bool] | None = None
     layer_types: dict[type, type] = field(default_factory=dict)
     #: a ModelLevelLayer class, for a method that changes the model's input instead of wrapping
@@ -88,5 +91,5 @@ def method_table() -> list[dict[str, str]]:
     """One row per registered method: what it trains and whether it merges into the base."""
     return [{"method": spec.name, "trains": spec.trains,
              "mergeable": "yes" if spec.mergeable else f"no: {spec.why_not_mergeable}",
-             "file format": f"peft ({spec.peft_type})" if spec.peft_type else "splice"}
+             "file format": f"{spec.file_format} ({spec.peft_type})" if spec.peft_type else "splice"}
             for spec in METHODS.values()]

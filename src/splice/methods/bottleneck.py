@@ -42,6 +42,7 @@ from splice.methods.lora import adapter_factory, linear_shape
 
 register_method(MethodSpec(
     name="adapter", config_cls=BottleneckConfig, peft_type=BottleneckConfig.peft_type,
+    file_format="splice",
     trains="a bottleneck MLP (down, activation, up) after chosen sub-layers", mergeable=False,
     why_not_mergeable="it adds layers (a nonlinear bottleneck MLP) that cannot be folded into a "
                       "weight"))

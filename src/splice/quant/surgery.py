@@ -55,6 +55,17 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) 
 
 
 @torch.no_grad()
+def plan_quantization(model: nn.Module, *, block_size: int = 64, double_quant: bool = True,
+                      compute_dtype: torch.dtype | None = None,
+                      skip: tuple[str, ...] = DEFAULT_SKIP) -> list[tuple[str, Linear4bit]]:
+    """(path, quantized layer) for every layer `quantize_model` replaces; the model is untouched.
+    Raises (changing nothing) when a weight cannot be quantized."""
+    return [(path, Linear4bit.from_linear(layer, block_size=block_size, double_quant=double_quant,
+                                          compute_dtype=compute_dtype).train(layer.training))
+            for path, layer in quantizable_linears(model, skip)]
+
+
+@torch.no_grad()
 def quantize_model(model: nn.Module, *, block_size: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None,
                    skip: tuple[str, ...] = DEFAULT_SKIP) -> QuantizationReport:
@@ -65,20 +76,19 @@ def quantize_model(model: nn.Module, *, block_size: int = 64, double_quant: bool
     targets = quantizable_linears(model, skip)
     if not targets:
         raise ValueError("the model has no nn.Linear layers to quantize (is it already quantized?)")
-    swaps = [(path, Linear4bit.from_linear(layer, block_size=block_size, double_quant=double_quant,
-                                           compute_dtype=compute_dtype))
-             for path, layer in targets]
     bytes_before = sum(layer.weight.numel() * layer.weight.element_size() for _, layer in targets)
     params = sum(layer.weight.numel() for _, layer in targets)
+    swaps = plan_quantization(model, block_size=block_size, double_quant=double_quant,
+                              compute_dtype=compute_dtype, skip=skip)
     for path, quantized in swaps:
         _set_submodule(model, path, quantized)
-    _rehome_kept_tensors(model)
+    rehome_kept_tensors(model)
     return QuantizationReport(modules=len(swaps), quantized_params=params, bytes_before=bytes_before,
                               bytes_after=sum(q.storage_bytes() for _, q in swaps))
 
 
 @torch.no_grad()
-def _rehome_kept_tensors(model: nn.Module) -> None:
+def rehome_kept_tensors(model: nn.Module) -> None:
     """Copy the tensors that stay in full precision (embeddings, norms, the head) into memory of
     their own. A model loaded from safetensors holds views of one memory-mapped file; as long as
     any view lives the whole mapping stays, and every page the quantizer read counts as resident:
