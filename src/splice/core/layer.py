@@ -54,6 +54,11 @@ class AdapterLayer(nn.Module):
         delta = self.delta_weight(name).to(torch.float32)
         return (weight.to(torch.float32) + sign * delta).to(weight.dtype)
 
+    def fold_bias_into(self, bias: torch.Tensor, name: str, sign: int) -> torch.Tensor:
+        """The base bias with adapter `name` merged in or taken out; unchanged by default (a
+        method whose adapter acts on the bias, such as an output scaling, overrides this)."""
+        return bias
+
     # -- generic behaviour ----------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:

@@ -33,6 +33,15 @@ def check_mergeable(model: nn.Module, name: str) -> None:
                            f"{spec.why_not_mergeable}. Keep it unmerged (it runs as is).")
 
 
+def fold_base(layer, name: str, sign: int) -> None:
+    """Merge (sign=+1) or take out (sign=-1) adapter `name` in the layer's base weight and bias."""
+    weight = layer.base_weight()
+    weight.copy_(layer.fold_into(weight.detach(), name, sign))
+    bias = getattr(layer.base_layer, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.copy_(layer.fold_bias_into(bias.detach(), name, sign))
+
+
 @torch.no_grad()
 def merge_adapter(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     """Fold adapters (default: the active ones) into the base weights: W ← W + ΔW."""
@@ -46,8 +55,7 @@ def merge_adapter(model: nn.Module, names: str | Sequence[str] | None = None) ->
                 continue
             if name in layer.merged_adapters:
                 raise AdapterError(f"adapter {name!r} is already merged")
-            weight = layer.base_weight()
-            weight.copy_(layer.fold_into(weight.detach(), name, +1))
+            fold_base(layer, name, +1)
             layer.merged_adapters.append(name)
 
 
@@ -57,8 +65,7 @@ def unmerge_adapter(model: nn.Module) -> None:
     for _, layer in adapter_layers(model):
         while layer.merged_adapters:
             name = layer.merged_adapters[-1]
-            weight = layer.base_weight()
-            weight.copy_(layer.fold_into(weight.detach(), name, -1))
+            fold_base(layer, name, -1)
             layer.merged_adapters.pop()
 
 

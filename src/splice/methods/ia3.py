@@ -25,11 +25,9 @@ register_method(MethodSpec(
 
 # Note: IA³ merge and the bias
 # An ordinary module's vector scales its whole output, bias included, so merging it rescales
-# both W₀'s rows and b₀. The generic merge (core/merging.py) hands a layer only its weight
-# (fold_into returns the new weight), so IA3Linear.fold_into also rescales the bias in place,
-# in the same call, to keep merge / unmerge one step. A feed-forward module's vector acts
-# before W₀, so its bias is untouched. Unmerging divides; a trained vector with an exact zero
-# makes the merge irreversible.
+# both W₀'s rows (fold_into) and b₀ (fold_bias_into). A feed-forward module's vector acts before
+# W₀, so its bias is untouched. Unmerging divides; a trained vector with an exact zero makes the
+# merge irreversible.
 
 
 @implements("ia3", nn.Linear, *((Conv1D,) if Conv1D else ()))
@@ -56,18 +54,20 @@ class IA3Linear(AdapterLayer):
         self.feedforward.pop(name, None)
 
     def fold_into(self, weight: torch.Tensor, name: str, sign: int) -> torch.Tensor:
-        """W₀ with the vector multiplied in (sign=+1) or divided out (sign=-1); the bias of an
-        ordinary module is rescaled in place too. See Note: IA³ merge and the bias."""
+        """W₀ with the vector multiplied in (sign=+1) or divided out (sign=-1). See Note: IA³
+        merge and the bias."""
         vector = self.ia3_l[name].detach().to(torch.float32)      # (out, 1) or (1, in)
         scale = vector.T if self.fan_in_fan_out else vector       # broadcasts over W's layout
-        bias = getattr(self.base_layer, "bias", None)
-        if not self.feedforward[name] and bias is not None:
-            with torch.no_grad():
-                bias32 = bias.to(torch.float32)
-                flat = vector.flatten()                           # (out,)
-                bias.copy_(bias32 * flat if sign > 0 else bias32 / flat)
         w32 = weight.to(torch.float32)
         return (w32 * scale if sign > 0 else w32 / scale).to(weight.dtype)
+
+    def fold_bias_into(self, bias: torch.Tensor, name: str, sign: int) -> torch.Tensor:
+        """b₀ rescaled by an ordinary module's vector; a feed-forward module's bias stays."""
+        if self.feedforward[name]:
+            return bias
+        flat = self.ia3_l[name].detach().to(torch.float32).flatten()  # (out,)
+        b32 = bias.to(torch.float32)
+        return (b32 * flat if sign > 0 else b32 / flat).to(bias.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
