@@ -51,7 +51,8 @@ def closed_form_decode(q) -> torch.Tensor:
         absmax = signed_dynamic_map()[q.absmax.long()] * scale + q.offset
     else:
         absmax = q.absmax
-    return (nf4_codebook()[codes] * absmax.repeat_interleave(64)[: q.numel]).view(q.shape)
+    scale = absmax.repeat_interleave(q.block_size)[: q.numel]
+    return (nf4_codebook()[codes] * scale).view(q.shape)
 
 
 def assert_same_bytes(w: torch.Tensor, double_quant: bool, bnb_decode: bool = True) -> None:
@@ -273,6 +274,72 @@ def test_dequantize_returns_shape_and_dtype():
     out = dequantize_nf4(q, dtype=torch.bfloat16)
     assert out.shape == (3, 5, 7) and out.dtype == torch.bfloat16
     assert torch.equal(out, dequantize_nf4(q).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_dequantize_into_out_overwrites_and_returns_it(dtype, double_quant):
+    """out= gives the fresh result's values exactly, in the buffer passed, whatever it held."""
+    torch.manual_seed(6)
+    w = torch.randn(64 * 256 + 40, 3)  # a partial nested group and a short last NF4 block
+    q = quantize_nf4(w, double_quant=double_quant)
+    out = torch.full(w.shape, float("nan"), dtype=dtype)
+    got = dequantize_nf4(q, out=out, chunk_elements=64 * 100)  # dtype taken from out
+    assert got is out
+    assert torch.equal(out, closed_form_decode(q).to(dtype))
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_other_block_sizes_match_bitsandbytes(block_size):
+    torch.manual_seed(8)
+    w = torch.randn(40, 256)  # rows hold whole blocks (see test_rows_that_straddle_blocks_...)
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=block_size,
+                                       compress_statistics=False)
+    q = quantize_nf4(w, block_size=block_size, double_quant=False)
+    assert torch.equal(q.packed, packed.view(-1)) and torch.equal(q.absmax, state.absmax)
+    with torch.compiler.set_stance("force_eager"):
+        theirs = bnbf.dequantize_4bit(packed, state)
+    assert torch.equal(dequantize_nf4(q), theirs)
+
+
+@pytest.mark.parametrize("block_size", [2, 6])
+@pytest.mark.parametrize("chunk", [2, 18, 1 << 20])
+def test_tiny_block_sizes_decode_by_the_closed_form(block_size, chunk):
+    """Blocks of 1 or 3 bytes: chunks whose byte count is odd, or not a multiple of 64."""
+    torch.manual_seed(9)
+    w = torch.randn(7, 9)  # 63 elements: a short last block for both sizes
+    q = quantize_nf4(w, block_size=block_size)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = dequantize_nf4(q, dtype, chunk_elements=chunk)
+        assert torch.equal(out, closed_form_decode(q).to(dtype))
+
+
+def test_dequantize_into_out_at_an_odd_offset():
+    """An fp32 buffer at an odd element offset cannot be viewed as int64 pairs; still exact."""
+    torch.manual_seed(7)
+    w = torch.randn(96, 64)
+    q = quantize_nf4(w, double_quant=False)
+    storage = torch.zeros(w.numel() + 1)
+    out = storage[1:].view(w.shape)  # (96, 64), storage offset 1
+    dequantize_nf4(q, torch.float32, out=out)
+    assert torch.equal(out, closed_form_decode(q))
+    assert storage[0] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("make_out", "kwargs", "message"),
+    [
+        (lambda: torch.empty(6, 10), {}, "shape"),
+        (lambda: torch.empty(6, 10).t(), {}, "contiguous"),
+        (lambda: torch.empty(6, 10, dtype=torch.int32).view(10, 6), {}, "float32/float16"),
+        (lambda: torch.empty(10, 6), {"dtype": torch.bfloat16}, "dtype"),
+        (lambda: torch.empty(10, 6), {"chunk_elements": 0}, "chunk_elements"),
+    ],
+)
+def test_bad_dequantize_out_raises_a_named_error(make_out, kwargs, message):
+    q = quantize_nf4(torch.randn(10, 6))
+    with pytest.raises(ValueError, match=message):
+        dequantize_nf4(q, out=make_out(), **kwargs)
 
 
 # --- errors ------------------------------------------------------------------------------

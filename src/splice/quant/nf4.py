@@ -69,7 +69,7 @@ NF4_CODE: tuple[float, ...] = (
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TINY = 1e-38  # an all-zero block is scaled by 1/_TINY instead of 1/0 (bitsandbytes does too)
 DEFAULT_CHUNK_ELEMENTS = 1 << 20  # quantize: 14 bytes of scratch per element, 14 MB
-DEFAULT_DEQUANT_CHUNK_ELEMENTS = 1 << 22  # dequantize: 2 bytes (an int32 per byte), 8 MB
+DEFAULT_DEQUANT_CHUNK_ELEMENTS = 1 << 20  # dequantize: 4 bytes per element (8 if not fp32), 4 MB
 
 # Note: Quantize in chunks
 # Quantizing touches every element several times (scale, look up, compare, pack) and each
@@ -80,8 +80,8 @@ DEFAULT_DEQUANT_CHUNK_ELEMENTS = 1 << 22  # dequantize: 2 bytes (an int32 per by
 # place): a fresh large tensor is slow on CPU, each first touch of a page faults (here,
 # allocating an int32 copy of 8M bytes costs 6x more than filling an existing one). Each
 # chunk's codes and absmax go straight into the preallocated outputs. Dequantization does
-# the same in reverse; its only scratch is an int32 copy of the bytes (2 bytes per element),
-# so its chunks are 4x longer for less memory: fewer, longer ops, each of which costs a
+# the same in reverse (see Note: Dequantize by byte-pair gather); its scratch is an int64
+# copy of the bytes, 4 bytes per element. Chunks should not be much shorter: each op costs a
 # thread fork/join (ms each when other processes compete for the cores). The result does not
 # depend on the chunk size: every block is quantized on its own, and only the
 # double-quantization offset (a mean over all blocks) needs the whole absmax vector, which
@@ -376,15 +376,35 @@ def _quantize_absmax(absmax: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor
 
 
 def _absmax_fp32(q: NF4Weight) -> Tensor:
-    """The fp32 block scales: stored, or decoded as DYN[e_b] * s_g + o."""
+    """The fp32 block scales (n_blocks,): stored, or decoded as DYN[e_b] * s_g + o."""
     if not q.double_quant:
         return q.absmax
     dyn, _ = _dynamic_grid_table(q.absmax.device)
-    scale = q.nested_absmax.repeat_interleave(q.double_block_size)[: q.absmax.numel()]
-    return dyn[q.absmax.long()] * scale + q.offset  # product then sum, no fused rounding
+    nb, group = q.absmax.numel(), q.double_block_size
+    decoded = torch.index_select(dyn, 0, q.absmax.int())  # (nb,) DYN[e_b]
+    full = nb - nb % group  # blocks in complete groups
+    decoded[:full].view(-1, group).mul_(q.nested_absmax[: full // group, None])
+    decoded[full:].mul_(q.nested_absmax[-1])  # the short last group, if any
+    return decoded.add_(q.offset)  # product then sum, no fused rounding
 
 
 # --- dequantize --------------------------------------------------------------------------
+
+# Note: Dequantize by byte-pair gather
+# Each packed byte j holds two codes, so it decodes to the fp32 pair (NF4[j >> 4], NF4[j & 15]):
+# a 256-entry table of pairs, each read as one int64, turns a chunk into one gather of 8-byte
+# items (0x3C -> the bits of (NF4[3], NF4[12])), then one multiply by the block's absmax. We
+# gather with torch.gather on the chunk's bytes viewed as a few long rows, the table broadcast
+# to every row: its CPU kernel splits the rows over all threads, where a 1-D index_select runs
+# on one thread. The pairs land in the output itself (viewed as int64) and are scaled in place
+# while they are still in cache. For a large result, writing it is itself a large cost: each
+# first write to a 4 KB page of a fresh tensor faults the page in (the kernel zeroes it); for
+# a 4096x4096 fp32 weight that costs more than the decoding on the 2-core development machine.
+# Writing first with a parallel op spreads the faults over the threads, and `out=` (a buffer
+# reused across calls, say one per layer shape) avoids them altogether.
+
+
+_GATHER_ROWS = 64  # rows of the gather's index view: work units enough for 2-16 threads
 
 
 @functools.lru_cache(maxsize=8)
@@ -399,41 +419,89 @@ def _byte_pair_table(device: torch.device) -> Tensor:
     return pairs.contiguous().view(torch.int64).view(-1).to(device)
 
 
-def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32, *,
+def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, out: Tensor | None = None,
                    chunk_elements: int = DEFAULT_DEQUANT_CHUNK_ELEMENTS) -> Tensor:
     """W_i = NF4[c_i] * a_b, computed in fp32 and cast to ``dtype``; shape ``q.shape``.
 
-    Equals ``bitsandbytes.functional.dequantize_4bit`` on the same bytes. Works in chunks
-    (see Note: Quantize in chunks).
+    Equals ``bitsandbytes.functional.dequantize_4bit`` on the same bytes. ``dtype`` defaults
+    to ``out``'s dtype, else fp32. ``out``: a contiguous tensor of shape ``q.shape`` on the
+    bytes' device to write into and return (reusing one skips allocating a fresh result; see
+    Note: Dequantize by byte-pair gather). Works in chunks of ``chunk_elements``, which bounds
+    the scratch memory and does not change the result (see Note: Quantize in chunks).
     """
     if chunk_elements <= 0:
         raise ValueError(f"chunk_elements must be positive, got {chunk_elements}")
+    out = _dequantize_output(q, dtype, out)
+    flat = out.view(-1)  # (n,)
     n, bs = q.numel, q.block_size
-    absmax = _absmax_fp32(q)
-    out = torch.empty(n, dtype=dtype, device=q.packed.device)
+    absmax = _absmax_fp32(q)  # (n_blocks,)
     n_full = n // bs
     step = max(1, chunk_elements // bs)  # whole blocks per chunk
-    m = min(step, n_full) * bs
-    byte = torch.empty(m // 2, dtype=torch.int32, device=out.device)  # reused index scratch
-    values = None if dtype == torch.float32 else torch.empty(m, device=out.device)
-    for b0 in range(0, n_full, step):
-        b1 = min(b0 + step, n_full)
-        dst = out[b0 * bs: b1 * bs] if values is None else values[: (b1 - b0) * bs]
-        _dequantize_full_blocks(q.packed, absmax, b0, b1, bs, byte, dst)
-        if values is not None:
-            out[b0 * bs: b1 * bs] = dst
+    if n_full:
+        work = _DequantScratch.allocate(min(step, n_full), bs, flat)
+        for b0 in range(0, n_full, step):
+            b1 = min(b0 + step, n_full)
+            _dequantize_full_blocks(q.packed, absmax, b0, b1, work, flat[b0 * bs: b1 * bs])
     if n_full * bs < n:
-        out[n_full * bs:] = _dequantize_last_block(q.packed, absmax[-1], n_full * bs, n)
-    return out.view(q.shape)
+        flat[n_full * bs:] = _dequantize_last_block(q.packed, absmax[-1], n_full * bs, n)
+    return out
 
 
-def _dequantize_full_blocks(packed: Tensor, absmax: Tensor, b0: int, b1: int, bs: int,
-                            byte: Tensor, out: Tensor) -> None:
-    """Decode blocks b0..b1 into the fp32 ``out`` ((b1 - b0) * bs,); ``byte`` is scratch."""
-    half = bs // 2
-    index = byte[: (b1 - b0) * half].copy_(packed[b0 * half: b1 * half])  # (nb * bs / 2,)
-    torch.index_select(_byte_pair_table(packed.device), 0, index, out=out.view(torch.int64))
-    out.view(b1 - b0, bs).mul_(absmax[b0:b1, None])  # (nb, bs), still in cache
+def _dequantize_output(q: NF4Weight, dtype: torch.dtype | None, out: Tensor | None) -> Tensor:
+    """``out`` checked against ``q`` and ``dtype``, or a fresh (q.shape) tensor."""
+    device = q.packed.device
+    if out is not None and dtype is not None and out.dtype != dtype:
+        raise ValueError(f"dequantize_nf4 got dtype={dtype} but out is {out.dtype}; pass one "
+                         f"of them, or make them agree")
+    dtype = dtype or (torch.float32 if out is None else out.dtype)
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dequantize_nf4 writes float32/float16/bfloat16, got {dtype}")
+    if out is None:
+        return torch.empty(q.shape, dtype=dtype, device=device)
+    if tuple(out.shape) != q.shape or out.device != device:
+        raise ValueError(f"out has shape {tuple(out.shape)} on {out.device}, but the weight "
+                         f"has shape {q.shape} on {device}; allocate out to match")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (it is written through flat views); "
+                         "allocate it with torch.empty(q.shape)")
+    return out
+
+
+@dataclass(frozen=True)
+class _DequantScratch:
+    """Chunk-sized work tensors for decoding, reused across chunks."""
+
+    index: Tensor  # int64 (nb, bs/2): the packed bytes, widened for the gather
+    pairs: Tensor | None  # int64 (nb, bs/2): decoded pairs, unless written into the output
+
+    @staticmethod
+    def allocate(nb: int, bs: int, out: Tensor) -> _DequantScratch:
+        def empty() -> Tensor:
+            return torch.empty(nb, bs // 2, dtype=torch.int64, device=out.device)
+
+        # The gather writes fp32 pairs straight into an fp32 output when it can be viewed as
+        # int64 (an even storage offset); otherwise into scratch, then multiplies across.
+        direct = out.dtype == torch.float32 and out.storage_offset() % 2 == 0
+        return _DequantScratch(empty(), None if direct else empty())
+
+
+def _dequantize_full_blocks(packed: Tensor, absmax: Tensor, b0: int, b1: int,
+                            work: _DequantScratch, out: Tensor) -> None:
+    """Decode blocks b0..b1 (all full) into ``out`` ((b1 - b0) * bs,) of any float dtype."""
+    nb, half = b1 - b0, work.index.shape[1]
+    index = work.index[:nb].copy_(packed[b0 * half: b1 * half].view(nb, half))  # (nb, bs/2)
+    direct = work.pairs is None
+    pairs = out.view(torch.int64).view(nb, half) if direct else work.pairs[:nb]  # (nb, bs/2)
+    # The threads split the gather by rows; a few long rows cost less per byte than nb short
+    # ones. Every row reads the same table.
+    rows = math.gcd(nb * half, _GATHER_ROWS)
+    table = _byte_pair_table(packed.device).expand(rows, 256)
+    torch.gather(table, 1, index.view(rows, -1), out=pairs.view(rows, -1))
+    values = pairs.view(torch.float32).view(nb, -1)  # (nb, bs)
+    if direct:
+        values.mul_(absmax[b0:b1, None])
+    else:  # fp32 product, then one rounding to the output dtype
+        torch.mul(values, absmax[b0:b1, None], out=out.view(nb, -1))
 
 
 def _dequantize_last_block(packed: Tensor, amax: Tensor, start: int, n: int) -> Tensor:
