@@ -38,8 +38,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration and not slow"
 
+# Each benchmark runs its contenders side by side (alternating runs) and writes
+# bench/results/<name>.json; ratios, not absolute times, are the figures. Quiet machine wanted.
+BENCH_ENV := OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
 bench: $(STAMP)
-	@echo "no benchmarks yet"
+	$(BENCH_ENV) $(PY) bench/train_step.py                       # LoRA step vs peft vs floor
+	$(BENCH_ENV) $(PY) bench/train_step.py --only splice,qlora   # QLoRA step vs LoRA step
+	$(BENCH_ENV) $(PY) bench/loss_memory.py                      # fused chunked loss memory
+	$(BENCH_ENV) $(PY) bench/nf4_throughput.py                   # NF4 vs bitsandbytes
+	$(BENCH_ENV) $(PY) bench/optimizer_curves.py                 # AdamW / paged / 8-bit curves
+	$(BENCH_ENV) $(PY) bench/dora_step.py                        # DoRA step vs peft
 
 clean:
 	rm -rf .pytest_cache .hypothesis build dist src/*.egg-info

@@ -211,3 +211,19 @@ def test_a_failed_attach_with_quantize_leaves_the_full_precision_model(tiny_llam
     assert not any(isinstance(m, Linear4bit) for m in tiny_llama.modules())
     with pytest.raises(splice.AdapterError, match="nf4"):
         splice.attach(tiny_llama, splice.LoRAConfig(rank=4, target_modules="all-linear"), quantize="int3")
+
+
+def test_qlora_forward_keeps_no_dense_weight_for_backward(tiny_llama):
+    model = qlora_model(tiny_llama)
+    model.train()
+    shapes = {tuple(m.quant.shape) for _, m in splice.quant.quantized_layers(model)}
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(token_ids(model), labels=token_ids(model)).loss
+    loss.backward()
+    assert saved and not shapes & set(saved)

@@ -65,7 +65,9 @@ def init_lora_a(weight: torch.Tensor, init: str) -> None:
 # no copy, and only when A, B or W₀ trains) and recomputes the small x Aᵀ in backward rather
 # than keeping it between the activations. With dropout, the adapter reads x' = dropout(x):
 # x' is kept instead, and its gradient g_h A goes back through dropout. The result equals the
-# plain path up to fp rounding.
+# plain path up to fp rounding. Under a frozen NF4 base (QLoRA) W₀ is not a tensor but
+# `dense_weight()`, a dequantization, called in forward and again in backward: keeping its
+# result for backward would hold every layer's full-precision weight at once.
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -77,11 +79,12 @@ class _LoRALinearFn(torch.autograd.Function):
     """y = x W₀ᵀ + b₀ + s·(x' Aᵀ) Bᵀ with x' = x unless given. See Note: LoRA's autograd."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling):
-        # x (..., in), x_lora (..., in) or None, weight (out, in), bias (out,) or None,
-        # lora_a (r, in), lora_b (out, r) -> (..., out)
+    def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling, dense_weight=None):
+        # x (..., in), x_lora (..., in) or None, weight (out, in) or None with dense_weight() a
+        # frozen quantized base's dequantizer, bias (out,) or None, lora_a (r, in),
+        # lora_b (out, r) -> (..., out)
         xl = x if x_lora is None else x_lora
-        y = F.linear(x, weight, bias)                                   # (..., out)
+        y = F.linear(x, weight if weight is not None else dense_weight(), bias)  # (..., out)
         h = _rows(xl) @ lora_a.T                                        # (n, r)
         # (h Bᵀ)·s then add, in the order the unfused path (and peft) rounds in: files trained
         # here and there give the same logits to 1e-5 even for non-power-of-two scalings.
@@ -89,7 +92,7 @@ class _LoRALinearFn(torch.autograd.Function):
         need_x, need_xl, need_w, _, need_a, need_lb = ctx.needs_input_grad[:6]
         ctx.save_for_backward(x if need_w else None, xl if need_a or need_lb else None,
                               weight if need_x else None, lora_a, lora_b)
-        ctx.scaling, ctx.fused_x = scaling, x_lora is None
+        ctx.scaling, ctx.fused_x, ctx.dense_weight = scaling, x_lora is None, dense_weight
         return y
 
     @staticmethod
@@ -101,6 +104,8 @@ class _LoRALinearFn(torch.autograd.Function):
         g_h = (g @ lora_b).mul_(ctx.scaling)                            # (n, r)
         grad_x = grad_xl = grad_w = grad_b = grad_a = grad_lb = None
         if need_x:
+            if weight is None:  # a quantized base: dequantize again rather than keep it
+                weight = ctx.dense_weight()
             grad_x = grad_y @ weight                                    # (..., in)
             if ctx.fused_x:
                 _rows(grad_x).addmm_(g_h, lora_a)
@@ -114,7 +119,7 @@ class _LoRALinearFn(torch.autograd.Function):
             grad_a = g_h.T @ _rows(xl)                                  # (r, in)
         if need_lb:
             grad_lb = (g.T @ (_rows(xl) @ lora_a.T)).mul_(ctx.scaling)  # (out, r)
-        return grad_x, grad_xl, grad_w, grad_b, grad_a, grad_lb, None
+        return grad_x, grad_xl, grad_w, grad_b, grad_a, grad_lb, None, None
 
 
 class ScaledLoRALayer(AdapterLayer):
@@ -174,9 +179,11 @@ class LoRALinear(ScaledLoRALayer):
             name = names[0]
             x_lora = self.lora_dropout[name](x)
             base = self.base_layer
-            return _LoRALinearFn.apply(x, None if x_lora is x else x_lora, base.weight,
-                                       base.bias, self.lora_A[name].weight,
-                                       self.lora_B[name].weight, self.scaling[name])
+            quantized = isinstance(base, Linear4bit)
+            return _LoRALinearFn.apply(x, None if x_lora is x else x_lora,
+                                       None if quantized else base.weight, base.bias,
+                                       self.lora_A[name].weight, self.lora_B[name].weight,
+                                       self.scaling[name], base.dequantize if quantized else None)
         result = self.base_layer(x)
         for name in names:
             a, b = self.lora_A[name], self.lora_B[name]
@@ -185,13 +192,19 @@ class LoRALinear(ScaledLoRALayer):
         return result
 
     def _fusable(self, x: torch.Tensor, name: str) -> bool:
-        """Whether _LoRALinearFn can stand in for the plain path: a plain nn.Linear base (no
-        hooks, no patched forward), one dtype throughout, no autocast. See Note: LoRA's
-        autograd."""
+        """Whether _LoRALinearFn can stand in for the plain path: a plain nn.Linear or NF4
+        Linear4bit base (no hooks, no patched forward), one dtype throughout, no autocast. See
+        Note: LoRA's autograd."""
         base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]
-        return (type(base) is nn.Linear and not base._forward_hooks
-                and not base._forward_pre_hooks and "forward" not in vars(base)
-                and x.dtype == base.weight.dtype == a.weight.dtype == b.weight.dtype
+        if type(base) is nn.Linear:
+            dtype = base.weight.dtype
+        elif type(base) is Linear4bit:
+            dtype = base.compute_dtype
+        else:
+            return False
+        return (not base._forward_hooks and not base._forward_pre_hooks
+                and "forward" not in vars(base)
+                and x.dtype == dtype == a.weight.dtype == b.weight.dtype
                 and not torch.is_autocast_enabled(x.device.type))
 
 
