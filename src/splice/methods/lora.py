@@ -183,7 +183,7 @@ class LoRALinear(ScaledLoRALayer):
             return _LoRALinearFn.apply(x, None if x_lora is x else x_lora,
                                        None if quantized else base.weight, base.bias,
                                        self.lora_A[name].weight, self.lora_B[name].weight,
-                                       self.scaling[name], base.dequantize if quantized else None)
+                                       self.scaling[name], base.matmul_weight if quantized else None)
         result = self.base_layer(x)
         for name in names:
             a, b = self.lora_A[name], self.lora_B[name]

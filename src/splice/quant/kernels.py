@@ -10,6 +10,7 @@ written against and tested, and none was available to this build.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -28,10 +29,29 @@ def register_weight_backend(device_type: str, backend: WeightBackend) -> None:
 
 
 def nf4_matmul_weight(quant: NF4Weight, dtype: torch.dtype) -> Tensor:
-    """The dense weight an NF4 layer multiplies by, in `dtype`, on the bytes' device."""
-    backend = _BACKENDS.get(quant.packed.device.type, _dequantize)
+    """The dense weight an NF4 layer multiplies by, in `dtype`, on the bytes' device.
+
+    The result is only valid until the next call on this thread (see Note: One scratch weight
+    per shape): multiply by it at once, never keep it. `Linear4bit.dequantize` returns a tensor
+    of its own."""
+    backend = _BACKENDS.get(quant.packed.device.type, _dequantize_into_scratch)
     return backend(quant, dtype)
 
 
-def _dequantize(quant: NF4Weight, dtype: torch.dtype) -> Tensor:
-    return dequantize_nf4(quant, dtype)
+# Note: One scratch weight per shape
+# A 4-bit layer needs its dense weight for one matmul, forward and again in backward, and drops
+# it. A fresh tensor each time is a fresh mmap on CPU whose pages are faulted in and zeroed
+# again: for large weights that costs more than decoding them (bench/nf4_throughput.py, the
+# "out=" rows). So the decoder writes into one buffer per (shape, dtype, device), kept per
+# thread (autograd or a server may run layers on several threads). The memory held is one
+# weight of each distinct shape, a few per model.
+_scratch = threading.local()
+
+
+def _dequantize_into_scratch(quant: NF4Weight, dtype: torch.dtype) -> Tensor:
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (tuple(quant.shape), dtype, quant.packed.device)
+    buffer = buffers.get(key)
+    if buffer is None:
+        buffer = buffers[key] = torch.empty(quant.shape, dtype=dtype, device=quant.packed.device)
+    return dequantize_nf4(quant, dtype, out=buffer)

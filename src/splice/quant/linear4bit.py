@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from splice.quant.kernels import nf4_matmul_weight
-from splice.quant.nf4 import NF4Weight, quantize_nf4
+from splice.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 # Note: fp32 buffers kept as int32 bits
 # `model.to(torch.bfloat16)` casts every floating-point buffer. The block scales (absmax, the
@@ -122,8 +122,14 @@ class Linear4bit(nn.Module):
         return "nested_absmax" in self._float_buffers
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The (out, in) weight the NF4 bytes stand for, in `dtype` (default: compute dtype)."""
-        return nf4_matmul_weight(self.quant, dtype or self.compute_dtype)
+        """The (out, in) weight the NF4 bytes stand for, in `dtype` (default: compute dtype),
+        a tensor of its own."""
+        return dequantize_nf4(self.quant, dtype or self.compute_dtype)
+
+    def matmul_weight(self) -> Tensor:
+        """The dense weight for one matmul, right now: a shared scratch tensor that the next
+        4-bit layer overwrites (see splice.quant.kernels). Never keep it."""
+        return nf4_matmul_weight(self.quant, self.compute_dtype)
 
     def storage_bytes(self) -> int:
         """Bytes of the quantized weight as held in memory (codes and scales, no bias)."""
