@@ -227,3 +227,4 @@ def test_qlora_forward_keeps_no_dense_weight_for_backward(tiny_llama):
         loss = model(token_ids(model), labels=token_ids(model)).loss
     loss.backward()
     assert saved and not shapes & set(saved)
+

@@ -75,6 +75,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _fresh_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b in a tensor of its own. F.linear returns a view for (…, in) inputs with a bias,
+    and a view leaving a custom autograd function may not be modified in place later."""
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])                     # (..., out)
+    if bias is None:
+        torch.mm(_rows(x), weight.T, out=_rows(y))
+    else:
+        torch.addmm(bias, _rows(x), weight.T, out=_rows(y))
+    return y
+
+
 class _LoRALinearFn(torch.autograd.Function):
     """y = x W₀ᵀ + b₀ + s·(x' Aᵀ) Bᵀ with x' = x unless given. See Note: LoRA's autograd."""
 
@@ -84,7 +95,7 @@ class _LoRALinearFn(torch.autograd.Function):
         # frozen quantized base's dequantizer, bias (out,) or None, lora_a (r, in),
         # lora_b (out, r) -> (..., out)
         xl = x if x_lora is None else x_lora
-        y = F.linear(x, weight if weight is not None else dense_weight(), bias)  # (..., out)
+        y = _fresh_linear(x, weight if weight is not None else dense_weight(), bias)  # (..., out)
         h = _rows(xl) @ lora_a.T                                        # (n, r)
         # (h Bᵀ)·s then add, in the order the unfused path (and peft) rounds in: files trained
         # here and there give the same logits to 1e-5 even for non-power-of-two scalings.
