@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from splice.core.io import load_adapter
 from splice.core.merging import merge_and_unload
 from splice.models import load_model
 from splice.quant.nf4 import dequantize_nf4, quantize_nf4
-from splice.quant.folder import save_quantized
+from splice.quant.folder import save_quantized, write_folder_atomically
 from splice.quant.surgery import dequantize_model, quantizable_linears, quantize_model, quantized_layers
 
 
@@ -71,7 +69,7 @@ def export_merged(model_name: str, adapter_folder: str | os.PathLike, output: st
         return _write_requantized(plain, tokenizer, output, quant)
     dtype = dtype or (torch.bfloat16 if quant else next(plain.parameters()).dtype)
     plain.to(dtype)
-    _write_folder(output, lambda tmp: (plain.save_pretrained(tmp, safe_serialization=True),
+    write_folder_atomically(output, lambda tmp: (plain.save_pretrained(tmp, safe_serialization=True),
                                        tokenizer is not None and tokenizer.save_pretrained(tmp)))
     return MergeReport(output, str(dtype).removeprefix("torch."), quant)
 
@@ -98,15 +96,3 @@ def _write_requantized(plain: nn.Module, tokenizer: Any, output: Path, quant: di
     save_quantized(plain, output, tokenizer, info={"merged": True})
     return MergeReport(output, "nf4", quant, nf4_error, bf16_error)
 
-
-def _write_folder(output: Path, write: Any) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
-        write(tmp)
-        if output.exists():
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

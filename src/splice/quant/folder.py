@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -85,21 +85,31 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, tokenizer: Any =
                "double_quant": first.double_quant, "double_block_size": first.double_block_size,
                "compute_dtype": str(first.compute_dtype).removeprefix("torch."),
                "modules": paths} | (info or {})
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
         save_file(tensors, tmp / WEIGHTS_FILE, metadata=metadata | {"format": "pt"})
         (tmp / QUANT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+    write_folder_atomically(folder, write)
+    return folder
+
+
+def write_folder_atomically(folder: Path, write: Callable[[Path], Any]) -> None:
+    """Run `write(tmp)` on a fresh sibling folder, then rename it to `folder` (absent or empty):
+    an interrupted write leaves no half folder behind."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        write(tmp)
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
 
 
 @torch.no_grad()
