@@ -33,3 +33,11 @@ __all__ = [
     "merge_adapter", "merge_and_unload", "method_table", "save_adapter", "set_active_adapters",
     "unmerge_adapter",
 ]
+
+from splice.library import AdapterLibrary  # noqa: E402
+
+__all__ += ["AdapterLibrary"]
+
+from splice.merge.compose_model import compose_adapters  # noqa: E402
+
+__all__ += ["compose_adapters"]

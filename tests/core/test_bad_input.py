@@ -275,3 +275,10 @@ def test_invalid_adapter_names_are_refused(tiny_llama, saved, name):
         splice.attach(tiny_llama, splice.LoRAConfig(target_modules=QV), name)
     assert_same_snapshot(before, snapshot(tiny_llama))
     assert_load_fails(tiny_llama, folder, splice.AdapterError, "is invalid", name=name)
+
+
+@pytest.mark.parametrize("name", ["double", "train", "keys"])
+def test_adapter_names_that_shadow_module_attributes_are_refused_cleanly(tiny_llama, name):
+    with pytest.raises(splice.AdapterError, match="module attribute"):
+        splice.attach(tiny_llama, splice.LoRAConfig(rank=2, target_modules=["q_proj"]), name)
+    assert splice.list_adapters(tiny_llama) in ({}, [])

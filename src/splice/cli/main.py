@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splice.cli import demo, generate, merge, methods, params, quantize, train
+from splice.cli import compose, demo, generate, library, merge, methods, params, quantize, train
 from splice.cli import eval as eval_command  # the module's name would shadow the builtin
 from splice.core.errors import SpliceError
 from splice.config.base import ConfigError
 
-SUBCOMMANDS = [demo, train, eval_command, generate, merge, quantize, params, methods]
+SUBCOMMANDS = [demo, train, eval_command, generate, merge, compose, quantize, params, methods,
+               library]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,10 @@ def check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == BASE_ADAPTER:
         raise AdapterError(f"adapter name {name!r} is invalid: use letters, digits, '_' or '-' "
                            f"(no dots or path separators; {BASE_ADAPTER!r} is reserved)")
+    if hasattr(nn.ModuleDict, name):
+        # Adapters live in ModuleDicts keyed by name; a key that shadows a method cannot be set.
+        raise AdapterError(f"adapter name {name!r} is the name of a torch module attribute; "
+                           f"pick another (e.g. {name + '_adapter'!r})")
 
 
 def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *,
