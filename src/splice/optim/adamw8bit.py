@@ -24,7 +24,7 @@ chunk size does not change the result.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -33,8 +33,7 @@ from torch import Tensor
 from splice.optim.blockwise import (QuantMap, dequantize_blockwise, quantize_blockwise,
                                     signed_dynamic_map, unsigned_dynamic_map)
 from splice.optim.state_io import check_state_shape, load_state_dict_placed
-from splice.optim.update import (AdamWHyper, OptimizerError, adamw_update_, check_adamw_args,
-                                 check_grad)
+from splice.optim.update import AdamWFamily, AdamWHyper, OptimizerError, adamw_update_
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 QUANTIZED = ("exp_avg", "exp_avg_sq")  # each stored as <name>_codes (uint8) + <name>_absmax (fp32)
@@ -47,7 +46,7 @@ def _maps(device: torch.device) -> dict[str, QuantMap]:
             "exp_avg_sq": QuantMap.from_values(unsigned_dynamic_map(), device)}
 
 
-class AdamW8bit(torch.optim.Optimizer):
+class AdamW8bit(AdamWFamily):
     """AdamW (decoupled weight decay) with m and v blockwise-quantized to 8 bits.
 
     θ ← θ(1 − lr·λ); m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²;
@@ -68,32 +67,16 @@ class AdamW8bit(torch.optim.Optimizer):
                  weight_decay: float = 1e-2, *, block_size: int = 256,
                  min_8bit_size: int = 4096,
                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
-        check_adamw_args(lr, betas, eps, weight_decay)
         _check_sizes(block_size, min_8bit_size, chunk_elements)
         self.block_size = block_size
         self.min_8bit_size = min_8bit_size
         self.chunk_elements = max(1, chunk_elements // block_size) * block_size  # whole blocks
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-        super().__init__(params, defaults)
+        super().__init__(params, lr, betas, eps, weight_decay)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One AdamW step for every parameter that has a gradient; returns closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            hyper = AdamWHyper.from_group(group)
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                check_grad(param)
-                if torch.is_complex(param):
-                    raise OptimizerError("AdamW8bit does not quantize complex parameters; "
-                                         "use PagedAdamW or torch.optim.AdamW for them")
-                self._update(param, hyper)
-        return loss
+    def _check_param(self, param: Tensor) -> None:
+        if torch.is_complex(param):
+            raise OptimizerError("AdamW8bit does not quantize complex parameters; "
+                                 "use PagedAdamW or torch.optim.AdamW for them")
 
     def is_8bit(self, param: Tensor) -> bool:
         """Whether ``param``'s moments are (or will be) stored in 8 bits."""

@@ -21,14 +21,14 @@ state dicts load across the two.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from splice.optim.state_io import check_state_shape, load_state_dict_placed
-from splice.optim.update import AdamWHyper, adamw_update_, check_adamw_args, check_grad
+from splice.optim.update import AdamWFamily, AdamWHyper, adamw_update_
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -57,7 +57,7 @@ def wait_for_pages(devices: Iterable[torch.device]) -> None:
             torch.cuda.current_stream(device).synchronize()
 
 
-class PagedAdamW(torch.optim.Optimizer):
+class PagedAdamW(AdamWFamily):
     """AdamW (decoupled weight decay) with its state in host memory, paged per parameter.
 
     θ ← θ(1 − lr·λ); m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²;
@@ -68,31 +68,8 @@ class PagedAdamW(torch.optim.Optimizer):
     parameter's shape and dtype).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2) -> None:
-        check_adamw_args(lr, betas, eps, weight_decay)
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One AdamW step for every parameter that has a gradient; returns closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        devices = set()
-        for group in self.param_groups:
-            hyper = AdamWHyper.from_group(group)
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                check_grad(param)
-                self._update(param, hyper)
-                devices.add(param.device)
+    def _finish_step(self, devices: set[torch.device]) -> None:
         wait_for_pages(devices)
-        return loss
 
     def _update(self, param: Tensor, hyper: AdamWHyper) -> None:
         state = self.state[param]

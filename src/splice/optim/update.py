@@ -22,7 +22,7 @@ tests/optim/test_paged_adamw.py checks torch.equal against torch.optim.AdamW.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,3 +104,45 @@ def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
     bias_correction2_sqrt = bias_correction2**0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(hyper.eps)
     param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+class AdamWFamily(torch.optim.Optimizer):
+    """What splice's AdamW variants share: torch.optim.AdamW's arguments and the step loop.
+    A subclass says how one parameter is updated (`_update`), may refuse a parameter
+    (`_check_param`) and may finish a step (`_finish_step`, e.g. wait for device copies)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2) -> None:
+        check_adamw_args(lr, betas, eps, weight_decay)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step for every parameter that has a gradient; returns closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        devices = set()
+        for group in self.param_groups:
+            hyper = AdamWHyper.from_group(group)
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                check_grad(param)
+                self._check_param(param)
+                self._update(param, hyper)
+                devices.add(param.device)
+        self._finish_step(devices)
+        return loss
+
+    def _check_param(self, param: Tensor) -> None:
+        """Raise OptimizerError for a parameter this optimizer cannot update."""
+
+    def _update(self, param: Tensor, hyper: "AdamWHyper") -> None:
+        raise NotImplementedError
+
+    def _finish_step(self, devices: set[torch.device]) -> None:
+        """Called once after every parameter of a step was updated."""
