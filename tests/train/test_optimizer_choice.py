@@ -9,10 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from splice.optim import AdamW8bit, factory
-from splice.train import loop as loop_module
-from splice.train.loop import TrainingInterrupted
 from splice.train.run import run_training
-from test_train_loop import losses, make_config
+from test_train_loop import interrupt_then_resume, losses, make_config
 
 pytestmark = pytest.mark.integration  # SmolLM2's tokenizer from the bundled package
 
@@ -40,17 +38,6 @@ def test_adamw8bit_tracks_adamw_and_resumes_exactly(tiny_chat_model, tiny_data, 
     assert eight[1] == plain[1]                      # same weights before the first update
     assert max(abs(eight[s] - plain[s]) / plain[s] for s in plain) < 0.02
     config = make_config(tiny_chat_model, tiny_data, tmp_path / "r", optimizer="adamw8bit", save_every=2)
-    real_step = loop_module.train_step
-
-    def interrupt_after_three(state, *args, **kwargs):
-        if state.progress.step == 3:
-            raise KeyboardInterrupt
-        return real_step(state, *args, **kwargs)
-
-    monkeypatch.setattr(loop_module, "train_step", interrupt_after_three)
-    with pytest.raises(TrainingInterrupted):
-        run_training(config, show_progress=False)
-    monkeypatch.setattr(loop_module, "train_step", real_step)
-    resumed = losses(run_training(config, resume=True, show_progress=False).output)
+    resumed = losses(interrupt_then_resume(config, monkeypatch, after_step=3).output)
     for step in eight:
         assert abs(eight[step] - resumed[step]) <= 1e-6, step

@@ -52,23 +52,29 @@ def test_run_writes_adapter_metrics_plot_and_training_json(tiny_chat_model, tiny
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
 
 
+def interrupt_then_resume(config, monkeypatch, after_step: int):
+    """Run until Ctrl-C arrives after `after_step` steps, check the saved checkpoint, resume."""
+    real_step = loop_module.train_step
+
+    def interrupt(state, *args, **kwargs):
+        if state.progress.step == after_step:
+            raise KeyboardInterrupt
+        return real_step(state, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", interrupt)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        run_training(config, show_progress=False)
+    newest = list_checkpoints(Path(config.output) / "checkpoints")[-1].name
+    assert newest == f"step-{after_step:08d}"
+    monkeypatch.setattr(loop_module, "train_step", real_step)
+    return run_training(config, resume=True, show_progress=False)
+
+
 def test_resume_reproduces_the_uninterrupted_losses(tiny_chat_model, tiny_data, tmp_path, monkeypatch):
     straight = run_training(make_config(tiny_chat_model, tiny_data, tmp_path / "a", save_every=2),
                             show_progress=False)
     config = make_config(tiny_chat_model, tiny_data, tmp_path / "b", save_every=2)
-    real_step = loop_module.train_step
-
-    def interrupt_after_three(state, *args, **kwargs):
-        if state.progress.step == 3:
-            raise KeyboardInterrupt
-        return real_step(state, *args, **kwargs)
-
-    monkeypatch.setattr(loop_module, "train_step", interrupt_after_three)
-    with pytest.raises(TrainingInterrupted, match="--resume"):
-        run_training(config, show_progress=False)
-    assert list_checkpoints(tmp_path / "b" / "checkpoints")[-1].name == "step-00000003"
-    monkeypatch.setattr(loop_module, "train_step", real_step)
-    resumed = run_training(config, resume=True, show_progress=False)
+    resumed = interrupt_then_resume(config, monkeypatch, after_step=3)
     a, b = losses(straight.output), losses(resumed.output)
     assert a.keys() == b.keys() == set(range(1, 7))
     for step in a:
