@@ -48,6 +48,9 @@ bench: $(STAMP)
 	$(BENCH_ENV) $(PY) bench/nf4_throughput.py                   # NF4 vs bitsandbytes
 	$(BENCH_ENV) $(PY) bench/optimizer_curves.py                 # AdamW / paged / 8-bit curves
 	$(BENCH_ENV) $(PY) bench/dora_step.py                        # DoRA step vs peft
+	$(BENCH_ENV) $(PY) bench/mixed_batch.py                      # 16 adapters in one batch vs 1, vs peft
+	$(BENCH_ENV) $(PY) bench/library_load.py                     # library load_into vs load_adapter
+	$(BENCH_ENV) $(PY) bench/methods.py                          # every method on the demo task (~1 h)
 
 clean:
 	rm -rf .pytest_cache .hypothesis build dist src/*.egg-info
