@@ -41,3 +41,12 @@ __all__ += ["AdapterLibrary"]
 from splice.merge.compose_model import compose_adapters  # noqa: E402
 
 __all__ += ["compose_adapters"]
+
+from splice.core.attach import BASE_ADAPTER  # noqa: E402
+from splice.core.routing import adapter_routing, forward_mixed  # noqa: E402
+
+__all__ += ["BASE_ADAPTER", "adapter_routing", "forward_mixed"]
+
+from splice.methods.lora_hotswap import hotswap_adapter  # noqa: E402
+
+__all__ += ["hotswap_adapter"]

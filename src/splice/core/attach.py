@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -55,6 +56,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *,
     if state is not None and name in state.adapters:
         raise AdapterError(f"the model already has an adapter named {name!r}; pick another name "
                            "or remove it first with splice.delete_adapter(model, name)")
+    drop_layer_index(model)
     quantized = plan_base_quantization(model, quantize)
     if not quantized:
         targets = plan_targets(model, config, spec)
@@ -67,6 +69,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *,
             targets = plan_targets(model, config, spec)
             saved = plan_saved_modules(model, config)
         state = open_state(model, tx)
+        tx.on_undo(lambda: drop_layer_index(model))  # runs last: the index may hold new layers
         if spec.model_adapter is not None:
             add_to_model(tx, model, spec.model_adapter, config, name)
         for path, module in targets:
@@ -80,6 +83,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *,
         previous = list(state.active)
         tx.on_undo(lambda: set_layer_activity(model, previous))
         set_active_adapters(model, [name] if activate else previous)
+        refresh_trainable(model)  # a full pass: the first attach freezes the base
     return model
 
 
@@ -185,18 +189,82 @@ def trainable_biases(model: nn.Module, config: AdapterConfig, name: str) -> list
     return []
 
 
+# Note: Switching in under a millisecond
+# A model's module tree is large (SmolLM2 with 8 all-linear LoRA adapters: 6,300 modules and
+# 3,700 parameters), and walking it costs ~0.2 s, far more than a switch should. So
+# set_active_adapters (and per-row routing, core/routing.py) read a `LayerIndex`: the adapter
+# layers with the adapters each holds, and each adapter's parameters, built on first use and
+# kept on the model's adapter state. attach and delete_adapter, the only calls that add or
+# remove adapter layers, drop it; merge_and_unload drops the state and the index with it. A
+# switch then sets each layer's active list and flips requires_grad only for the adapters that
+# leave or join the active set (and the base parameters they train): it relies on the flags
+# being as the previous switch or attach's full `refresh_trainable` left them.
+
+
+@dataclass
+class LayerIndex:
+    layers: list[tuple[str, AdapterLayer, frozenset[str]]]  # (path, layer, adapters it holds)
+    params: dict[str, list[nn.Parameter]]  # adapter -> its parameters in every layer
+    extra: dict[str, list[nn.Parameter]]   # adapter -> the base parameters it trains
+
+
+INDEX_ATTR = "layer_index"
+
+
+def layer_index(model: nn.Module) -> LayerIndex:
+    """The model's adapter layers and adapter parameters, built once per structure. See Note:
+    Switching in under a millisecond."""
+    state = require_state(model)
+    index = state.__dict__.get(INDEX_ATTR)
+    if index is None:
+        layers = [(path, layer, frozenset(layer.adapter_names))
+                  for path, layer in adapter_layers(model)]
+        named = dict(model.named_parameters())
+        index = LayerIndex(
+            layers,
+            {name: [p for _, layer, held in layers if name in held
+                    for _, p in layer.adapter_parameters(name)] for name in state.adapters},
+            {name: [named[n] for n in entry.extra_trainable if n in named]
+             for name, entry in state.adapters.items()})
+        state.__dict__[INDEX_ATTR] = index
+    return index
+
+
+def drop_layer_index(model: nn.Module) -> None:
+    state = get_state(model)
+    if state is not None:
+        state.__dict__.pop(INDEX_ATTR, None)
+
+
 def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make `names` the adapters forward applies (their sum); only they train."""
     names = [names] if isinstance(names, str) else list(names)
-    require_state(model)
+    state = require_state(model)
     for name in names:
         require_adapter(model, name)
-    for path, layer in adapter_layers(model):
+    index = layer_index(model)
+    for path, layer, _ in index.layers:
         dropped = [n for n in layer.merged_adapters if n not in names]
         if dropped:
             raise AdapterError(f"adapter {dropped[0]!r} is merged into the base weights; call "
                                "splice.unmerge_adapter(model) before deactivating it")
-    set_layer_activity(model, names)
+    changed = set(state.active) ^ set(names)
+    state.active = names
+    for _, layer, held in index.layers:
+        # object.__setattr__: a plain attribute, and Module.__setattr__ costs 2 µs a layer
+        object.__setattr__(layer, "active_adapters", [n for n in names if n in held])
+    for name in changed:
+        flip_requires_grad(index.params[name], name in names)
+    trained = {id(p) for name in names for p in index.extra[name]}
+    for params in index.extra.values():
+        for param in params:
+            flip_requires_grad([param], id(param) in trained)
+
+
+def flip_requires_grad(params: list[nn.Parameter], wanted: bool) -> None:
+    for param in params:
+        if param.requires_grad is not wanted:
+            param.requires_grad_(wanted)
 
 
 def set_layer_activity(model: nn.Module, names: list[str]) -> None:
@@ -253,6 +321,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; modules left with no adapter are unwrapped back to the base."""
     require_adapter(model, name)
     state = require_state(model)
+    drop_layer_index(model)
     for path, layer in list(adapter_layers(model)):
         if name in layer.merged_adapters:
             raise AdapterError(f"adapter {name!r} is merged into the base weights; call "

@@ -20,7 +20,9 @@ from splice.config.lora import LoRAConfig
 from splice.core.errors import AdapterError
 from splice.core.layer import AdapterLayer
 from splice.core.registry import MethodSpec, implements, register_method
+from splice.core.routing import routable, route_for
 from splice.core.targets import Conv1D
+from splice.methods.lora_batched import forget_stacks, routed_embedding, routed_linear
 from splice.quant.linear4bit import Linear4bit
 
 register_method(MethodSpec(
@@ -142,8 +144,10 @@ class ScaledLoRALayer(AdapterLayer):
 
     def forget_adapter(self, name: str) -> None:
         self.scaling.pop(name, None)
+        forget_stacks(self)
 
 
+@routable
 @implements("lora", nn.Linear, Linear4bit, *((Conv1D,) if Conv1D else ()))
 class LoRALinear(ScaledLoRALayer):
     """x ↦ W₀x + s·B(A(dropout(x))) for a linear base layer (nn.Linear, Conv1D, or a frozen
@@ -169,6 +173,7 @@ class LoRALinear(ScaledLoRALayer):
         self.scaling[name] = config.scaling_for(module_path)
         init_lora_a(self.lora_A[name].weight, config.init)
         nn.init.zeros_(self.lora_B[name].weight)
+        forget_stacks(self)
 
     def base_weight(self) -> nn.Parameter:
         if isinstance(self.base_layer, Linear4bit):
@@ -185,6 +190,9 @@ class LoRALinear(ScaledLoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
+        route = route_for(self)
+        if route is not None:  # each row with its own adapter: see methods/lora_batched.py
+            return routed_linear(self, x, route)
         names = self.adapters_to_apply()
         if len(names) == 1 and self._fusable(x, names[0]):
             name = names[0]
@@ -219,6 +227,7 @@ class LoRALinear(ScaledLoRALayer):
                 and not torch.is_autocast_enabled(x.device.type))
 
 
+@routable
 @implements("lora", nn.Embedding)
 class LoRAEmbedding(ScaledLoRALayer):
     """ids ↦ E₀[ids] + s·(A[:, ids])ᵀ·Bᵀ: a low-rank update to the embedding table."""
@@ -238,6 +247,7 @@ class LoRAEmbedding(ScaledLoRALayer):
         self.lora_embedding_A[name] = nn.Parameter(torch.zeros(rank, num_embeddings, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, rank, **factory))
         self.scaling[name] = config.scaling_for(module_path)
+        forget_stacks(self)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, V), (d, r)
@@ -245,6 +255,9 @@ class LoRAEmbedding(ScaledLoRALayer):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(...) integer ids -> (..., dim)."""
+        route = route_for(self)
+        if route is not None:
+            return routed_embedding(self, ids, route)
         result = self.base_layer(ids)
         base = self.base_layer
         for name in self.adapters_to_apply():
