@@ -208,14 +208,11 @@ class LayerIndex:
     extra: dict[str, list[nn.Parameter]]   # adapter -> the base parameters it trains
 
 
-INDEX_ATTR = "layer_index"
-
-
 def layer_index(model: nn.Module) -> LayerIndex:
     """The model's adapter layers and adapter parameters, built once per structure. See Note:
     Switching in under a millisecond."""
     state = require_state(model)
-    index = state.__dict__.get(INDEX_ATTR)
+    index = state.layer_index
     if index is None:
         layers = [(path, layer, frozenset(layer.adapter_names))
                   for path, layer in adapter_layers(model)]
@@ -226,14 +223,14 @@ def layer_index(model: nn.Module) -> LayerIndex:
                     for _, p in layer.adapter_parameters(name)] for name in state.adapters},
             {name: [named[n] for n in entry.extra_trainable if n in named]
              for name, entry in state.adapters.items()})
-        state.__dict__[INDEX_ATTR] = index
+        state.layer_index = index
     return index
 
 
 def drop_layer_index(model: nn.Module) -> None:
     state = get_state(model)
     if state is not None:
-        state.__dict__.pop(INDEX_ATTR, None)
+        state.layer_index = None
 
 
 def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:

@@ -7,6 +7,7 @@ around (to a trainer, to save_adapter) without a wrapper class.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -29,6 +30,9 @@ class AdapterState:
     active: list[str] = field(default_factory=list)
     #: requires_grad of every base parameter before the first attach, restored when the last goes
     base_requires_grad: dict[str, bool] = field(default_factory=dict)
+    #: the adapter layers and parameters, indexed for fast switching (attach.layer_index);
+    #: None until first needed, dropped whenever the structure changes
+    layer_index: Any = field(default=None, repr=False, compare=False)
 
 
 def get_state(model: nn.Module, create: bool = False) -> AdapterState | None:
