@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from splice.config.base import AdapterConfig
 from splice.core.attach import attach
 from splice.core.errors import AdapterFileError
 from splice.core.keys import adapter_tensors
@@ -114,12 +115,16 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "default", *,
                  activate: bool = True) -> nn.Module:
     """Attach the adapter saved in `folder` (splice's or peft's) as `name`; atomic on failure."""
+    config, weights = read_adapter_folder(folder)
+    return attach(model, config, name, activate=activate, weights=weights)
+
+
+def read_adapter_folder(folder: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config (in its method's class) and the tensors of an adapter folder, peft's or ours."""
     folder = Path(folder)
     data = read_adapter_config(folder)
     try:
         spec = method_for_peft_config(data)
     except ValueError as err:
         raise AdapterFileError(f"{folder / CONFIG_FILE}: {err}") from None
-    config = spec.config_cls.from_peft_dict(data)
-    weights = read_adapter_weights(folder)
-    return attach(model, config, name, activate=activate, weights=weights)
+    return spec.config_cls.from_peft_dict(data), read_adapter_weights(folder)

@@ -15,18 +15,16 @@ not gets a zero update. Routed stacks and DoRA's cached norms follow by their ve
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
 
 from splice.config.base import AdapterConfig
-from splice.core.errors import AdapterError, AdapterFileError
-from splice.core.io import read_adapter_config, read_adapter_weights
+from splice.core.errors import AdapterError
+from splice.core.io import read_adapter_folder
 from splice.core.keys import adapter_tensors
 from splice.core.layer import AdapterLayer, adapter_layers
-from splice.core.registry import method_for_peft_config
 from splice.core.state import require_adapter
 
 #: file key suffix of a LoRA factor -> its rank dimension (A: (r, in), B: (out, r))
@@ -63,13 +61,8 @@ def read_source(source: str | os.PathLike | Mapping[str, torch.Tensor]
                 ) -> tuple[dict[str, torch.Tensor], AdapterConfig | None]:
     if isinstance(source, Mapping):
         return dict(source), None
-    folder = Path(source)
-    data = read_adapter_config(folder)
-    try:
-        spec = method_for_peft_config(data)
-    except ValueError as err:
-        raise AdapterFileError(f"{folder}: {err}") from None
-    return read_adapter_weights(folder), spec.config_cls.from_peft_dict(data)
+    config, weights = read_adapter_folder(source)
+    return weights, config
 
 
 def plan_swap(model: nn.Module, name: str, weights: dict[str, torch.Tensor],
