@@ -16,7 +16,9 @@ with OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads that spin slow a shared machin
 times). Its output folder, <output-root>/<method>-<hash of the full config>, keeps the run:
 a folder whose training.json records the same config is reused, not retrained, and an
 interrupted run continues from its last checkpoint (--resume), so a sweep stopped half-way
-picks up where it was. A resumed run's "train s" counts only the part after the resume.
+picks up where it was. Stop a sweep with Ctrl-C or `kill PID` (SIGTERM): the running method
+then saves a checkpoint of where it got to. A resumed run's "train s" counts only the part
+after the resume (the JSON marks the run "resumed").
 
 Columns: trainable parameters and their share of the base model's 134.5M; greedy exact match on
 the 120 held-out records and the eval loss (nats per completion token); "on disk" the files that
@@ -103,7 +105,8 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
 STEPS: dict[str, int] = {}
 
 
-def method_overrides(method: str, args: argparse.Namespace, eval_path: str | None) -> dict[str, Any]:
+def method_overrides(method: str, args: argparse.Namespace,
+                     eval_path: str | None) -> dict[str, Any]:
     overrides = dict(METHODS[method][0])
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS.get(method))
     if steps:
@@ -128,7 +131,7 @@ def expected_config(method: str, overrides: dict[str, Any], output: str) -> dict
 
 
 def run_folder(root: Path, method: str, overrides: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """<root>/<method>-<hash>: one folder per distinct config, so no sweep clobbers another's run."""
+    """<root>/<method>-<hash>: a folder per distinct config, so no sweep clobbers another's run."""
     config = expected_config(method, overrides, output="")
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     folder = root / f"{method}-{digest}"
@@ -157,16 +160,16 @@ def train(method: str, folder: Path, overrides: dict[str, Any]) -> dict[str, Any
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_before, start = os.getloadavg()[0], time.perf_counter()
     lines: list[str] = []
-    with open(folder / "bench.log", "w") as log:
+    with open(folder / "bench.log", "a") as log:  # a resumed run adds to its first part
+        # Its own session: a Ctrl-C at the terminal reaches only this script, which passes on
+        # exactly one SIGINT (a second would cut the run's checkpoint save short).
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            for line in proc.stdout:
-                log.write(line)
-                lines.append(line.rstrip("\n"))
-                print(f"[{method}] {line}", end="", flush=True)
-        except KeyboardInterrupt:  # let the run save its checkpoint, so the next sweep resumes it
+            relay(proc, log, lines, method)
+        except KeyboardInterrupt:  # the run saves a checkpoint; the next sweep resumes from it
             proc.send_signal(signal.SIGINT)
+            relay(proc, log, lines, method)
             proc.wait()
             raise
         returncode = proc.wait()
@@ -181,6 +184,18 @@ def train(method: str, folder: Path, overrides: dict[str, Any]) -> dict[str, Any
     else:
         (folder / "bench.json").write_text(json.dumps(run, indent=1) + "\n")
     return run
+
+
+def relay(proc: subprocess.Popen, log: Any, lines: list[str], method: str) -> None:
+    """Copy the run's output to its log, to `lines` and, prefixed with the method, to stdout."""
+    for line in proc.stdout:
+        log.write(line)
+        lines.append(line.rstrip("\n"))
+        print(f"[{method}] {line}", end="", flush=True)
+
+
+def stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def weight_bytes(folder: Path, method: str) -> int:
@@ -217,7 +232,8 @@ def fmt_row(r: dict[str, Any], lora_s: float | None) -> list[str]:
             "-" if r["exact_match"] is None else f"{100 * r['exact_match']:.1f}%",
             "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}",
             f"{size:.3g} MiB", f"{r['train_seconds']:.0f}",
-            f"{r['train_seconds'] / lora_s:.2f}" if lora_s else "-", load, str(r["steps"]), overrides]
+            f"{r['train_seconds'] / lora_s:.2f}" if lora_s else "-", load, str(r["steps"]),
+            overrides]
 
 
 HEADERS = ["method", "trainable", "% of base", "exact match", "eval loss", "on disk", "train s",
@@ -252,8 +268,8 @@ def markdown(result: dict[str, Any], table: str) -> str:
     lines += [f"- **{r['method']}**: {r['why']}" for r in result["rows"] if "why" in r]
     failed = [r for r in result["rows"] if r["status"] != "ok"]
     for r in failed:
-        lines += ["", f"**{r['method']} failed** (exit {r.get('returncode')}): `{r.get('command')}`",
-                  "", "```", *r.get("error_tail", []), "```"]
+        lines += ["", f"**{r['method']} failed** (exit {r.get('returncode')}): "
+                  f"`{r.get('command')}`", "", "```", *r.get("error_tail", []), "```"]
     lines += ["", "The runs went one after another on a shared machine (see the load average): "
               "their times are rough; exact match, losses and sizes do not depend on the load. "
               "See bench/methods.py."]
@@ -312,8 +328,16 @@ def main() -> int:
     chosen = [m for m in METHODS if m in chosen]
     args.output_root.mkdir(parents=True, exist_ok=True)
     eval_path = quick_eval_file(args.output_root) if args.quick else None
+    # A sweep started in the background (nohup ... &) inherits an ignored SIGINT, which its runs
+    # would inherit too and so never save a checkpoint: restore it, and treat `kill` like Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
-    rows = [run_method(method, args, eval_path) for method in chosen]
+    try:
+        rows = [run_method(method, args, eval_path) for method in chosen]
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to continue", file=sys.stderr)
+        return 130
     preset = yaml.safe_load((ROOT / PRESET).read_text())
     eval_file = ROOT / preset["data"]["eval_path"] if eval_path is None else Path(eval_path)
     result = {"setup": {"model": preset["model"], "preset": PRESET, **preset["train"],
