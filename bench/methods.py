@@ -7,7 +7,8 @@ match, eval loss, adapter size on disk and training time, side by side.
 Setup: presets/demo.yaml (SmolLM2-135M fp32, data/demo: 1,000 training and 120 held-out
 prompt/completion records, max 128 tokens, batch 8, 60 steps, 10% warm-up then cosine decay,
 seed 0) for every method, plus the few per-method overrides in METHODS below, each with its
-reason. Each method trains in its own subprocess,
+reason, and the larger step budgets in STEPS (prompt tuning: 180). Each method trains in its
+own subprocess,
 
     .venv/bin/python -m splice train --config presets/demo.yaml --method M --output DIR \\
         --no-progress --resume [overrides]
@@ -70,7 +71,7 @@ OWN_TARGETS = {"adapter.targets": None}
 INIT_TEXT = "Rewrite the record as one line of key=value pairs for name, age, job and city."
 METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "lora": ({}, "the preset: rank 16 on all linears, lr 2e-3"),
-    "qlora": ({}, "LoRA's settings on an NF4 base, so the gap is what 4-bit costs"),
+    "qlora": ({}, "LoRA's settings on an NF4 base, so any difference is the 4-bit base's"),
     "dora": ({}, "LoRA's rank and lr, so the difference is DoRA's split of each weight into "
                  "a trained magnitude and a LoRA-updated direction"),
     # Adam moves each entry by about lr per step: scaling vectors that start at 1 need ~1e-2 to
@@ -83,11 +84,14 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     # small), 'zero' 1.24; prompt 'random' 1.04, 'sample_vocab' 0.99; 'text' 0.916 for both
     # (exactly the base model reading the text). So both start from the same text, which keeps
     # prompt vs prefix a comparison of what trains, not of where it starts. 20 tokens and lr 3e-2
-    # as these methods usually run: the model is frozen and a few thousand numbers carry the change.
+    # as these methods usually run: the model is frozen, and 11.5k (prompt) or 230k (prefix)
+    # numbers carry the whole change.
     "prompt": ({**OWN_TARGETS, "adapter.num_virtual_tokens": 20, "adapter.init": "text",
                 "adapter.init_text": INIT_TEXT, "train.lr": 3e-2},
                "20 virtual tokens started from the embeddings of a task description (random "
-               "N(0,1) is ~7x the embedding spread); lr 3e-2 as usual for prompt tuning"),
+               "N(0,1) is ~7x the embedding spread); lr 3e-2 as usual for prompt tuning; 180 "
+               "steps, as at the common 60 it plateaued at 80.8% exact match (80.0% and 75.0% "
+               "at lr 1e-1 and 3e-1)"),
     "prefix": ({**OWN_TARGETS, "adapter.num_virtual_tokens": 20, "adapter.init": "text",
                 "adapter.init_text": INIT_TEXT, "train.lr": 3e-2},
                "20 key/value positions per layer started from the model's own keys and values "
@@ -96,13 +100,15 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "adapter": ({**OWN_TARGETS, "adapter.bottleneck_size": 64},
                 "Houlsby placement (after attention and MLP), 576->64->576: about LoRA's "
                 "parameter count, at LoRA's lr"),
-    # Every weight trains: LoRA's 2e-3 would wreck the model in a few steps; full fine-tuning
-    # of a small model usually runs at ~1e-4.
+    # Every weight trains, and each starts from its pretrained value rather than from zero as a
+    # LoRA update does: full fine-tuning of a small model usually runs at ~1e-4.
     "full": ({"train.lr": 1e-4}, "every weight trains: lr 1e-4, the usual scale for full "
                                  "fine-tuning of a small model (LoRA's 2e-3 is 20x that)"),
 }
-# Methods that get more than the common 60 steps (none so far); the steps column shows it.
-STEPS: dict[str, int] = {}
+# Methods that get more than the common 60 steps; the steps column shows it. Prompt tuning's
+# 11.5k numbers plateau early: at 60 steps it reached 80.8% exact match (eval loss 0.057) at lr
+# 3e-2, 80.0% at 1e-1 and 75.0% at 3e-1; at 180 steps (3e-2) 96.7% (0.025).
+STEPS: dict[str, int] = {"prompt": 180}
 
 
 def method_overrides(method: str, args: argparse.Namespace,
@@ -228,10 +234,11 @@ def fmt_row(r: dict[str, Any], lora_s: float | None) -> list[str]:
         return [r["method"], "failed", "", "", "", "", "", "", "", "", overrides]
     size = r["weight_bytes"] / 2**20
     load = "–".join(f"{x:.1f}" for x in r["load_avg_1min"]) if "load_avg_1min" in r else "-"
+    seconds = f"{r['train_seconds']:.0f}" + (" (resumed)" if r.get("resumed") else "")
     return [r["method"], f"{r['trainable_params']:,}", f"{r['trainable_percent']:.3g}%",
             "-" if r["exact_match"] is None else f"{100 * r['exact_match']:.1f}%",
             "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}",
-            f"{size:.3g} MiB", f"{r['train_seconds']:.0f}",
+            f"{size:.3g} MiB", seconds,
             f"{r['train_seconds'] / lora_s:.2f}" if lora_s else "-", load, str(r["steps"]),
             overrides]
 
@@ -270,9 +277,10 @@ def markdown(result: dict[str, Any], table: str) -> str:
     for r in failed:
         lines += ["", f"**{r['method']} failed** (exit {r.get('returncode')}): "
                   f"`{r.get('command')}`", "", "```", *r.get("error_tail", []), "```"]
-    lines += ["", "The runs went one after another on a shared machine (see the load average): "
-              "their times are rough; exact match, losses and sizes do not depend on the load. "
-              "See bench/methods.py."]
+    lines += ["", f"One seed per method; one record is {100 / s['eval_records']:.2g} points of "
+              "exact match. The runs went one after another on a shared machine (see the load "
+              "average): their times are rough; exact match, losses and sizes do not depend on "
+              "the load. See bench/methods.py."]
     return "\n".join(lines) + "\n"
 
 
@@ -311,7 +319,7 @@ def results_name(args: argparse.Namespace, chosen: list[str]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, help="optimizer steps for every method "
                         "(default: the preset's 60, or the method's documented budget)")
