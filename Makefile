@@ -32,7 +32,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(PY) -m splice.cli.main demo
 
-test: $(STAMP)
+# The lab page's browser tests drive Debian's Chromium (never a downloaded browser).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@echo "== installing Debian's chromium for the browser tests"
+	apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium)
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -50,7 +56,7 @@ bench: $(STAMP)
 	$(BENCH_ENV) $(PY) bench/dora_step.py                        # DoRA step vs peft
 	$(BENCH_ENV) $(PY) bench/mixed_batch.py                      # 16 adapters in one batch vs 1, vs peft
 	$(BENCH_ENV) $(PY) bench/library_load.py                     # library load_into vs load_adapter
-	$(BENCH_ENV) $(PY) bench/methods.py                          # every method on the demo task (~1 h)
+	$(BENCH_ENV) $(PY) bench/methods.py                          # every method on the demo task (~1.5 h)
 
 clean:
 	rm -rf .pytest_cache .hypothesis build dist src/*.egg-info

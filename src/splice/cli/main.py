@@ -5,13 +5,31 @@ from __future__ import annotations
 import argparse
 import sys
 
-from splice.cli import compose, demo, generate, library, merge, methods, params, quantize, train
+from splice.cli import compose
+from splice.cli import demo
 from splice.cli import eval as eval_command  # the module's name would shadow the builtin
+from splice.cli import generate
+from splice.cli import library
+from splice.cli import merge
+from splice.cli import methods
+from splice.cli import params
+from splice.cli import quantize
+from splice.cli import train
 from splice.core.errors import SpliceError
 from splice.config.base import ConfigError
 
-SUBCOMMANDS = [demo, train, eval_command, generate, merge, compose, quantize, params, methods,
-               library]
+SUBCOMMANDS = [
+    demo,
+    train,
+    eval_command,
+    generate,
+    merge,
+    compose,
+    quantize,
+    params,
+    methods,
+    library,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
