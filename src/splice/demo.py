@@ -61,7 +61,7 @@ def run_demo(preset: Path = DEFAULT_PRESET, overrides: dict[str, Any] | None = N
     base_answers = greedy_completions(model, tokenizer, prompts, max_new_tokens=budget)
     base_em = exact_match(base_answers, references)
     say(f"base exact match: {100 * base_em:.1f}%")
-    say(f"\n== 2/4 training a LoRA adapter (rank {config.adapter.rank}, {config.adapter.targets}, "
+    say(f"\n== 2/4 training a LoRA adapter (rank {config.adapter.rank}, {config.adapter.targets or 'all-linear'}, "
         f"{config.train.steps} steps)")
     clear_previous_run(Path(config.output))
     result = run_training(config)

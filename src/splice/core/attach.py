@@ -177,14 +177,14 @@ def add_to_model(tx: Transaction, model: nn.Module, layer_cls: type[ModelLevelLa
     tx.on_undo(lambda: layer.remove_adapter(name))
 
 
-def trainable_biases(model: nn.Module, config: AdapterConfig, name: str) -> list[str]:
-    """Names of base biases that train with this adapter (peft's `bias` option)."""
+def trainable_biases(model: nn.Module, config: AdapterConfig, name: str) -> list[nn.Parameter]:
+    """Base biases that train with this adapter (peft's `bias` option)."""
     mode = getattr(config, "bias", "none")
     if mode == "all":
-        return [n for n, _ in model.named_parameters()
+        return [p for n, p in model.named_parameters()
                 if n.endswith(".bias") and "lora_" not in n and "modules_to_save" not in n]
     if mode == "lora_only":
-        return [f"{path}.base_layer.bias" for path, layer in adapter_layers(model)
+        return [layer.base_layer.bias for path, layer in adapter_layers(model)
                 if layer.has_adapter(name) and getattr(layer.base_layer, "bias", None) is not None]
     return []
 
@@ -216,13 +216,11 @@ def layer_index(model: nn.Module) -> LayerIndex:
     if index is None:
         layers = [(path, layer, frozenset(layer.adapter_names))
                   for path, layer in adapter_layers(model)]
-        named = dict(model.named_parameters())
         index = LayerIndex(
             layers,
             {name: [p for _, layer, held in layers if name in held
                     for _, p in layer.adapter_parameters(name)] for name in state.adapters},
-            {name: [named[n] for n in entry.extra_trainable if n in named]
-             for name, entry in state.adapters.items()})
+            {name: list(entry.extra_trainable) for name, entry in state.adapters.items()})
         state.layer_index = index
     return index
 
@@ -275,9 +273,9 @@ def set_layer_activity(model: nn.Module, names: list[str]) -> None:
 def refresh_trainable(model: nn.Module) -> None:
     """Freeze the base; let active adapters (and what they train in full) require grad."""
     state = require_state(model)
-    extra = {n for a in state.active for n in state.adapters[a].extra_trainable}
-    for param_name, param in model.named_parameters():
-        param.requires_grad_(param_name in extra)
+    extra = {id(p) for a in state.active for p in state.adapters[a].extra_trainable}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in extra)
     for _, layer in adapter_layers(model):
         for name in layer.adapter_names:
             for _, param in layer.adapter_parameters(name):

@@ -33,7 +33,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     entry = require_adapter(model, name)
     out = {key: tensor for key, _, _, tensor in layer_file_tensors(model, name)}
     params = dict(model.named_parameters())
-    for param_name in entry.extra_trainable:
+    for param_name in entry.extra_trainable_names(model):
         out[FILE_PREFIX + param_name] = params[param_name]
     return out
 

@@ -20,8 +20,14 @@ STATE_ATTR = "splice_adapters"
 @dataclass
 class AdapterEntry:
     config: AdapterConfig
-    #: base parameters (e.g. biases with bias="all") that train and save with this adapter
-    extra_trainable: list[str] = field(default_factory=list)
+    #: base parameters (e.g. biases with bias="all") that train and save with this adapter.
+    #: Kept as the tensors, not their names: a later attach that wraps their module renames them
+    #: (`q_proj.bias` -> `q_proj.base_layer.bias`). `extra_trainable_names` gives the names now.
+    extra_trainable: list[nn.Parameter] = field(default_factory=list)
+
+    def extra_trainable_names(self, model: nn.Module) -> list[str]:
+        held = {id(p) for p in self.extra_trainable}
+        return [n for n, p in model.named_parameters() if id(p) in held]
 
 
 @dataclass
