@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from splice.cli import analyze
 from splice.cli import compose
 from splice.cli import demo
 from splice.cli import eval as eval_command  # the module's name would shadow the builtin
@@ -25,6 +26,7 @@ SUBCOMMANDS = [
     generate,
     merge,
     compose,
+    analyze,
     quantize,
     params,
     methods,
