@@ -14,6 +14,7 @@ from splice.cli import library
 from splice.cli import merge
 from splice.cli import methods
 from splice.cli import params
+from splice.cli import plan
 from splice.cli import quantize
 from splice.cli import train
 from splice.core.errors import SpliceError
@@ -29,6 +30,7 @@ SUBCOMMANDS = [
     analyze,
     quantize,
     params,
+    plan,
     methods,
     library,
 ]
