@@ -10,6 +10,7 @@ from splice.cli import compose
 from splice.cli import demo
 from splice.cli import eval as eval_command  # the module's name would shadow the builtin
 from splice.cli import generate
+from splice.cli import lab
 from splice.cli import library
 from splice.cli import merge
 from splice.cli import methods
@@ -33,6 +34,7 @@ SUBCOMMANDS = [
     plan,
     methods,
     library,
+    lab,
 ]
 
 
