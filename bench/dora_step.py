@@ -28,15 +28,14 @@ without the attention, norms and loss every step shares.
 against the plain base model: no-grad forward of the same batch, timed alternately; it also
 reports the largest logit difference between the adapter before and after the merge.
 
-Writes bench/results/dora_step.json (dora_step_quick.json for --quick, dora_step_<names>.json
-for --only).
+Writes bench/results/dora_step.json (dora_step_<names>.json for --only; --quick adds _quick and
+runs every contender in one process).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import ALPHA, CHUNK, MODEL, RANK, RESULTS, peak_rss_mb, rss_mb  # noqa: E402
+from common import child_env, peak_rss_mb, rss_mb, write_json  # noqa: E402
+from train_step import ALPHA, CHUNK, MODEL, RANK  # noqa: E402
 
 TRAINERS = ("splice", "peft", "splice-lora", "peft-lora")
 DEFAULT = TRAINERS + ("layers", "merged")
@@ -215,13 +215,17 @@ def run_layers(args: argparse.Namespace) -> dict:
                     "'extra' is over the frozen base layer"}
 
 
+def run_contender(contender: str, args: argparse.Namespace) -> dict:
+    runner = {"merged": run_merged, "layers": run_layers}.get(contender)
+    return runner(args) if runner else run_trainer(contender, args)
+
+
 def spawn(contender: str, args: argparse.Namespace) -> dict:
+    if args.quick:  # a smoke run: one process, so its memory figures mean nothing
+        return run_contender(contender, args)
     cmd = [sys.executable, __file__, "--child", contender] + [
         f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "steps", "warmup", "threads")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if args.omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.omp_wait_policy))
     if out.returncode:
         raise RuntimeError(f"{contender} run failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -294,7 +298,8 @@ def print_summary(summary: dict, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1×64 tokens, 1 rep")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1×64 tokens, 1 rep, every contender in this one process")
     parser.add_argument("--reps", type=int, default=2, help="fresh runs per trainer (alternating)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps (or forwards) per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
@@ -309,9 +314,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        runner = {"merged": run_merged, "layers": run_layers}.get(args.child)
-        result = runner(args) if runner else run_trainer(args.child, args)
-        print(json.dumps(result))
+        print(json.dumps(run_contender(args.child, args)))
         return
     if args.quick:
         args.batch, args.seq, args.steps, args.warmup, args.reps = 1, 64, 2, 1, 1
@@ -331,14 +334,10 @@ def main() -> None:
              f"{args.threads} threads, OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'}, "
              f"median of {args.reps}×{args.steps} steps")
     print_summary(summary, title)
-    RESULTS.mkdir(exist_ok=True)
-    name = ("dora_step_quick.json" if args.quick
-            else "dora_step.json" if set(chosen) == set(DEFAULT)
-            else f"dora_step_{'_'.join(chosen)}.json")
+    name = "dora_step" if set(chosen) == set(DEFAULT) else f"dora_step_{'_'.join(chosen)}"
     settings = {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "reps", "threads",
-                                              "omp_wait_policy", "only")}
-    (RESULTS / name).write_text(json.dumps({"settings": settings, "summary": summary,
-                                            "runs": runs}, indent=1) + "\n")
+                                              "omp_wait_policy", "only", "quick")}
+    write_json(name, {"settings": settings, "summary": summary, "runs": runs}, args.quick)
 
 
 if __name__ == "__main__":

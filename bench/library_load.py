@@ -1,6 +1,6 @@
 """Adapter load from the library into a resident SmolLM2-135M: milliseconds per load.
 
-    .venv/bin/python bench/library_load.py [--reps 9] [--threads 2]
+    .venv/bin/python bench/library_load.py [--quick] [--reps 9] [--threads 2]
 
 Setup: SmolLM2-135M-Instruct in fp32, a LoRA adapter of rank 16 on every linear layer (alpha
 32; A and B random, so nothing is zero), saved with splice.save_adapter and added to a library
@@ -18,13 +18,12 @@ fingerprint while the base weights are unchanged. "add_ms" times library.add of 
 (copy, fsync, and the fit check that attaches the adapter to the model and removes it); the
 first of them also hashes the model, which binds the new library.
 
-Writes bench/results/library_load.json.
+Writes bench/results/library_load.json (library_load_quick.json for --quick: 1 load each, 1 add).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,9 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402
+
 MODEL = "smollm2-135m"
 RANK, ALPHA = 16, 32
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def timed_ms(fn) -> float:
@@ -66,9 +67,12 @@ def make_adapter(model, folder: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 load each, 1 add")
     parser.add_argument("--reps", type=int, default=9, help="timed loads per contender")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.quick:
+        args.reps = 1
 
     import torch
 
@@ -84,7 +88,7 @@ def main() -> None:
         fingerprint_ms = timed_ms(lambda: model_fingerprint(model))
         library = splice.AdapterLibrary(Path(tmp) / "lib")
         add_ms = [timed_ms(lambda: library.add("demo", source, model=model))]
-        for i in range(2):
+        for i in range(0 if args.quick else 2):
             add_ms.append(timed_ms(lambda: library.add(f"copy{i}", source, model=model)))
         # A fresh model object, so the first load_into hashes its weights as a new process would.
         model, _ = splice.load_model(MODEL)
@@ -103,7 +107,7 @@ def main() -> None:
     result = {
         "model": MODEL, "adapter": {"method": "lora", "rank": RANK, "alpha": ALPHA,
                                     "targets": "all-linear", "params": params, "size_bytes": size},
-        "threads": args.threads, "reps": args.reps, "torch": torch.__version__,
+        "threads": args.threads, "reps": args.reps, "quick": args.quick, "torch": torch.__version__,
         "load_average": list(os.getloadavg()[:2]),
         "fingerprint_ms": fingerprint_ms, "first_load_into_ms": first_ms,
         "load_into_ms_median": statistics.median(times["library"]),
@@ -111,8 +115,7 @@ def main() -> None:
         "ratio_median": statistics.median(ratios),
         "add_ms": add_ms, "times_ms": times,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "library_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json("library_load", result, args.quick)
     print(f"adapter: LoRA r={RANK} all-linear, {params:,} params, {size / 2**20:.1f} MiB", file=sys.stderr)
     print(f"fingerprint (once per model): {fingerprint_ms:.0f} ms; first load_into: {first_ms:.0f} ms",
           file=sys.stderr)

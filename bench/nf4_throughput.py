@@ -5,7 +5,7 @@
 
 A 4096x4096 fp32 matrix (--quick: 1024x1024, 2 repetitions), block size 64. Each case
 warms both implementations up once, then alternates them rep by rep so that machine noise
-hits both alike; we report medians. GB/s counts fp32 bytes: read by quantize, written by
+hits both alike (bench/common.py, Note: alternation); we report medians. GB/s counts fp32 bytes: read by quantize, written by
 dequantize. Both produce the same bytes (checked before timing).
 
 Two dequantize rows per setting: "dequantize" returns a fresh tensor on both sides (the same
@@ -13,17 +13,15 @@ work); "dequantize out=" has splice write into one preallocated buffer reused ac
 as a layer that dequantizes every forward can, against bitsandbytes' fresh tensor (its CPU
 backend has no out=). A fresh fp32 tensor over the allocator's mmap threshold (32 MB) is new
 pages on every call, and faulting them in costs more than decoding here: the out= row shows
-the decoding alone. Writes bench/results/nf4_throughput.json (nf4_throughput_quick.json with
---quick, nf4_throughput_<shape>.json with --shape).
+the decoding alone. Writes bench/results/nf4_throughput.json (nf4_throughput_<shape>.json with
+--shape; --quick adds _quick).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -31,7 +29,8 @@ import torch
 from splice.quant import dequantize_nf4, quantize_nf4
 from splice.quant.nf4 import DEFAULT_CHUNK_ELEMENTS, DEFAULT_DEQUANT_CHUNK_ELEMENTS
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate, medians, write_json  # noqa: E402
 
 
 def bnb_functions():
@@ -44,16 +43,10 @@ def bnb_functions():
     return quantize, lambda packed_state: bnbf.dequantize_4bit(*packed_state)
 
 
-def alternate(ours, theirs, reps: int) -> tuple[float, float]:
-    """Median seconds of ours() and theirs(), after one warm-up each, interleaved."""
-    ours(), theirs()
-    t_ours, t_theirs = [], []
-    for _ in range(reps):
-        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(t_ours), statistics.median(t_theirs)
+def race(ours, theirs, reps: int) -> tuple[float, float]:
+    """Median seconds of ours() and theirs(), after one warm-up each, alternating."""
+    times = medians(alternate({"splice": ours, "bnb": theirs}, reps))
+    return times["splice"], times["bnb"]
 
 
 def check_same_bytes(w: torch.Tensor, bnb_quantize) -> None:
@@ -74,14 +67,14 @@ def run(shape: tuple[int, int], reps: int, chunk: int | None) -> list[dict]:
     gigabytes = w.numel() * 4 / 1e9
     rows = []
     for dq in (True, False):
-        ours, theirs = alternate(lambda: quantize_nf4(w, double_quant=dq, **q_chunk),
+        ours, theirs = race(lambda: quantize_nf4(w, double_quant=dq, **q_chunk),
                                  lambda: bnb_quantize(w, dq), reps)
         rows.append(dict(op="quantize", double_quant=dq, splice_s=ours, bnb_s=theirs))
         q, packed_state = quantize_nf4(w, double_quant=dq), bnb_quantize(w, dq)
-        ours, theirs = alternate(lambda: dequantize_nf4(q, **dq_chunk),
+        ours, theirs = race(lambda: dequantize_nf4(q, **dq_chunk),
                                  lambda: bnb_dequantize(packed_state), reps)
         rows.append(dict(op="dequantize", double_quant=dq, splice_s=ours, bnb_s=theirs))
-        ours, theirs = alternate(lambda: dequantize_nf4(q, out=buffer, **dq_chunk),
+        ours, theirs = race(lambda: dequantize_nf4(q, out=buffer, **dq_chunk),
                                  lambda: bnb_dequantize(packed_state), reps)
         rows.append(dict(op="dequantize out=", double_quant=dq, splice_s=ours, bnb_s=theirs))
     for row in rows:
@@ -121,12 +114,10 @@ def main() -> None:
     load = (load_before, os.getloadavg()[0])
     print(f"load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} cores "
           "(other processes skew timings)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     summary = dict(shape=list(shape), threads=args.threads, reps=reps, chunk=args.chunk,
                    load_average=load, torch=torch.__version__, rows=rows)
-    name = ("nf4_throughput_quick.json" if args.quick else
-            f"nf4_throughput_{args.shape}.json" if args.shape else "nf4_throughput.json")
-    (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
+    name = f"nf4_throughput_{args.shape}" if args.shape else "nf4_throughput"
+    write_json(name, summary, args.quick)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Loss curves of one small LoRA run under AdamW, PagedAdamW and AdamW8bit (and bitsandbytes'
 AdamW8bit when it is installed), with each optimizer's measured state bytes and step time.
 
-    .venv/bin/python bench/optimizer_curves.py [--steps 24] [--batch 2] [--no-bnb]
+    .venv/bin/python bench/optimizer_curves.py [--quick] [--steps 24] [--batch 2] [--no-bnb]
 
 Setup: SmolLM2-135M (fp32), LoRA rank 8 on all linears (seeded init), the first `--steps`
 length-bucketed batches of data/demo/train.jsonl (batch 2, max 128 tokens, seed 0), splice's
@@ -17,16 +17,17 @@ others' on the parameters' device (here both are the CPU). AdamW8bit keeps fp32 
 tensors under 4096 elements (the k/v LoRA B matrices, 192×8), hence above 2.03 bytes/param.
 Timings are only comparable within one run; the JSON records the load average.
 
-Writes bench/results/optimizer_curves.json and bench/results/optimizer_curves.png.
+Writes bench/results/optimizer_curves.json and bench/results/optimizer_curves.png (--quick: 3
+steps of batch 1, optimizer_curves_quick.json and .png).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -46,8 +47,10 @@ from splice.train.data import load_jsonl  # noqa: E402
 from splice.train.loss import causal_lm_loss  # noqa: E402
 from splice.train.schedule import make_scheduler  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import result_path, write_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 DATA = ROOT / "data" / "demo" / "train.jsonl"
 LR, WARMUP, MAX_LEN, RANK = 2e-3, 0.1, 128, 8
 
@@ -191,6 +194,7 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 steps of batch 1")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
@@ -198,15 +202,16 @@ def main() -> None:
                         help="skip bitsandbytes' AdamW8bit (it is used if installed)")
     args = parser.parse_args()
     args.bnb = args.bnb and importlib.util.find_spec("bitsandbytes") is not None
+    if args.quick:
+        args.steps, args.batch = 3, 1
     started = time.perf_counter()
     result = run(args)
     result["setup"]["wall_s"] = time.perf_counter() - started
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "optimizer_curves.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, RESULTS / "optimizer_curves.png")
+    result["setup"]["quick"] = args.quick
+    path = write_json("optimizer_curves", result, args.quick)
+    plot(result, result_path("optimizer_curves", args.quick, ".png"))
     print_table(result)
-    print(f"wrote {RESULTS / 'optimizer_curves.json'} and optimizer_curves.png "
-          f"({result['setup']['wall_s']:.0f} s)")
+    print(f"wrote {path} and its .png ({result['setup']['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

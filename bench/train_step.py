@@ -30,36 +30,27 @@ includes what glibc keeps on its heap after frees; to see live memory instead, r
 MALLOC_MMAP_THRESHOLD_=1048576 in the environment (every buffer over 1 MiB is then its own mmap,
 returned on free).
 
-Writes bench/results/train_step.json (train_step_quick.json for --quick, train_step_<names>.json
-for --only).
+Writes bench/results/train_step.json, train_step_<names>.json for --only; --quick adds _quick
+(bench/common.py: $SPLICE_BENCH_RESULTS moves the folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import child_env, peak_rss_mb, rss_mb, write_json  # noqa: E402
+
 MODEL = "smollm2-135m"
 RANK, ALPHA, CHUNK = 16, 32, 256
 CONTENDERS = ("splice", "peft", "floor", "qlora")
 DEFAULT_CONTENDERS = ("splice", "peft", "floor")
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def reset_peak_rss() -> None:
@@ -178,13 +169,12 @@ def run_child(contender: str, batch: int, seq: int, steps: int, warmup: int,
 
 
 def spawn(contender: str, args: argparse.Namespace) -> dict:
+    if args.quick:  # a smoke run: one process, so its memory figures mean nothing
+        return run_child(contender, args.batch, args.seq, args.steps, args.warmup, args.threads)
     cmd = [sys.executable, __file__, "--child", contender, "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads)] + (["--profile"] if args.profile else [])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if args.omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.omp_wait_policy))
     if out.returncode:
         raise RuntimeError(f"{contender} run failed:\n{out.stderr[-4000:]}")
     if args.profile:
@@ -235,7 +225,8 @@ def print_table(summary: dict, title: str, ref_name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1×64 tokens, 2 steps, 1 rep")
+                        help="smoke run: 1×64 tokens, 2 steps, 1 rep, every contender in this "
+                             "one process (its memory figures then mean nothing)")
     parser.add_argument("--reps", type=int, default=3,
                         help="fresh runs per contender (alternating)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
@@ -274,14 +265,11 @@ def main() -> None:
              f"{args.threads} threads, OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'}, "
              f"median of {args.reps}×{args.steps} steps")
     print_table(summary, title, "peft" if "peft" in summary else order[0])
-    RESULTS.mkdir(exist_ok=True)
-    name = ("train_step_quick.json" if args.quick
-            else "train_step.json" if order == list(DEFAULT_CONTENDERS)
-            else f"train_step_{'_'.join(order)}.json")
+    name = ("train_step" if order == list(DEFAULT_CONTENDERS)
+            else f"train_step_{'_'.join(order)}")
     settings = {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "reps", "threads",
-                                              "omp_wait_policy")}
-    (RESULTS / name).write_text(json.dumps({"settings": settings, "summary": summary,
-                                            "runs": runs}, indent=1) + "\n")
+                                              "omp_wait_policy", "quick")}
+    write_json(name, {"settings": settings, "summary": summary, "runs": runs}, args.quick)
 
 
 if __name__ == "__main__":
