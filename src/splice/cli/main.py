@@ -17,6 +17,7 @@ from splice.cli import methods
 from splice.cli import params
 from splice.cli import plan
 from splice.cli import quantize
+from splice.cli import serve
 from splice.cli import train
 from splice.core.errors import SpliceError
 from splice.config.base import ConfigError
@@ -35,6 +36,7 @@ SUBCOMMANDS = [
     methods,
     library,
     lab,
+    serve,
 ]
 
 
