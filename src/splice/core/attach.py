@@ -216,10 +216,13 @@ def layer_index(model: nn.Module) -> LayerIndex:
     if index is None:
         layers = [(path, layer, frozenset(layer.adapter_names))
                   for path, layer in adapter_layers(model)]
+        params: dict[str, list[nn.Parameter]] = {name: [] for name in state.adapters}
+        for _, layer, _ in layers:
+            for name, found in layer.parameters_by_adapter().items():
+                params.setdefault(name, []).extend(found)
         index = LayerIndex(
             layers,
-            {name: [p for _, layer, held in layers if name in held
-                    for _, p in layer.adapter_parameters(name)] for name in state.adapters},
+            params,
             {name: list(entry.extra_trainable) for name, entry in state.adapters.items()})
         state.layer_index = index
     return index
@@ -276,10 +279,11 @@ def refresh_trainable(model: nn.Module) -> None:
     extra = {id(p) for a in state.active for p in state.adapters[a].extra_trainable}
     for param in model.parameters():
         param.requires_grad_(id(param) in extra)
+    active = set(state.active)
     for _, layer in adapter_layers(model):
-        for name in layer.adapter_names:
-            for _, param in layer.adapter_parameters(name):
-                param.requires_grad_(name in state.active)
+        for name, params in layer.parameters_by_adapter().items():
+            for param in params:
+                param.requires_grad_(name in active)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
