@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The user cache, not a tmp folder: the SmolLM2 conversion (~20 s) should happen once per
 # machine. Concurrent workers (pytest-xdist) are safe, the cache is built by atomic rename.
 os.environ.setdefault("SPLICE_CACHE", str(Path.home() / ".cache" / "splice"))
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads
+# made one SVD take 30 s instead of 0.5 s. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -235,7 +235,7 @@ def test_invalid_values_in_the_file_are_config_errors(saved, tiny_llama, file_ke
     ("rank", 0), ("rank", -1), ("rank", 2.5), ("rank", True), ("rank", "8"),
     ("alpha", 0), ("alpha", -1), ("alpha", math.nan), ("alpha", math.inf), ("alpha", True),
     ("dropout", -0.1), ("dropout", 1.0), ("dropout", "0.1"),
-    ("init", "kaiming"), ("init", "pissa"), ("bias", "some"), ("bias", None),
+    ("init", "kaiming"), ("init", "corda"), ("bias", "some"), ("bias", None),
     ("layers_to_transform", [-1]), ("target_modules", "(unclosed"),
 ])
 def test_invalid_config_values_raise_config_error_naming_the_field(field, value):

@@ -24,6 +24,7 @@ EPILOG = """examples:
   splice train --model smollm2-135m --data data/demo/train.jsonl --eval-data data/demo/eval.jsonl \\
       --rank 16 --lr 2e-3 --steps 200 --output runs/demo
   splice train --config presets/demo.yaml train.lr=1e-3 adapter.rank=8
+  splice train --config presets/demo.yaml --init eva --init-batches 4   # data-aware LoRA init
   torchrun --nproc_per_node 2 -m splice train --config presets/demo.yaml   # data parallel"""
 
 # flag -> (dotted config key, section class, field) ; the help text comes from the config field
@@ -38,6 +39,8 @@ FLAGS: dict[str, tuple[str, type | None, str]] = {
     "--alpha": ("adapter.alpha", AdapterSection, "alpha"),
     "--dropout": ("adapter.dropout", AdapterSection, "dropout"),
     "--targets": ("adapter.targets", AdapterSection, "targets"),
+    "--init": ("adapter.init", AdapterSection, "init"),
+    "--init-batches": ("adapter.init_batches", AdapterSection, "init_batches"),
     "--lr": ("train.lr", TrainSection, "lr"),
     "--epochs": ("train.epochs", TrainSection, "epochs"),
     "--steps": ("train.steps", TrainSection, "steps"),

@@ -35,8 +35,22 @@ def as_tuple(value: Any) -> tuple | None:
     return tuple(value)
 
 
+# Named target sets ('all-linear' aside), as regexes over module paths so adapter files record
+# them in a form peft reads. They know the linear-layer names of the Llama, GPT-2 and BERT
+# families: attn = the attention projections, mlp = the feed-forward ones.
+TARGET_PRESETS = {
+    "attn": r".*\.(self_attn|attn|attention)\.(.*\.)?"
+            r"(q_proj|k_proj|v_proj|o_proj|qkv_proj|c_attn|c_proj|query|key|value|dense|out_proj)",
+    "mlp": r".*\.(mlp\.(.*\.)?(gate_proj|up_proj|down_proj|c_fc|c_proj|fc1|fc2)"
+           r"|(intermediate|\d+\.output)\.dense)",
+}
+
+
 def parse_targets(text: str) -> tuple[str, ...] | str:
-    """A --targets value: 'all-linear', a regex (has regex syntax), or a comma list of names."""
+    """A --targets value: 'all-linear', a preset of TARGET_PRESETS ('attn', 'mlp'), a regex (has
+    regex syntax), or a comma list of names."""
+    if text in TARGET_PRESETS:
+        return TARGET_PRESETS[text]
     if text == "all-linear" or re.search(r"[\\^$*+?()\[\]|]", text):
         return text
     return tuple(t.strip() for t in text.split(",") if t.strip())

@@ -48,8 +48,15 @@ class AdapterSection:
                               "default all-linear for LoRA/DoRA, the method's own otherwise.",
                               default=None)
     use_rslora: bool = doc("Scale by alpha/sqrt(rank) (rank-stabilised LoRA).", default=False)
-    init: str | None = doc("Initialisation: LoRA 'default' | 'gaussian'; prompt 'random' | 'text'; "
-                           "prefix 'random' | 'zero' | 'text'.", default=None)
+    init: str | None = doc("Initialisation: LoRA 'default' | 'gaussian' | 'pissa' | 'olora' | 'loftq' "
+                           "| 'eva' | 'lora_ga' (eva and lora_ga read --init-batches training "
+                           "batches first); prompt 'random' | 'text'; prefix 'random' | 'zero' | "
+                           "'text'.", default=None)
+    init_batches: int = doc("eva / lora_ga: training batches (the run's first, at --batch-size) "
+                            "the init reads.", default=4)
+    init_options: Mapping[str, Any] | None = doc(
+        "LoRA init settings, e.g. adapter.init_options.loftq_bits=8: pissa_niter, loftq_bits, "
+        "loftq_iterations, eva_rho, lora_ga_gamma.", default=None)
     init_text: str | None = doc("prompt / prefix: the text whose tokens start the virtual tokens "
                                 "(with init='text').", default=None)
     num_virtual_tokens: int | None = doc("prompt / prefix: virtual tokens before the input.", default=None)
@@ -65,6 +72,10 @@ class AdapterSection:
     def __post_init__(self) -> None:
         if self.method not in TRAIN_METHODS:
             raise ConfigError(f"adapter.method={self.method!r}: choose one of {', '.join(TRAIN_METHODS)}")
+        positive("adapter.init_batches", self.init_batches)
+        if self.init_options is not None and not isinstance(self.init_options, Mapping):
+            raise ConfigError(f"adapter.init_options={self.init_options!r}: give a mapping, e.g. "
+                              "adapter.init_options.loftq_bits=4")
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,12 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def adapter_file_config(model: nn.Module, name: str) -> dict[str, Any]:
-    """adapter_config.json for adapter `name`, as peft writes it."""
+def adapter_file_config(model: nn.Module, name: str, converted: bool = False) -> dict[str, Any]:
+    """adapter_config.json for adapter `name`, as peft writes it (`converted`: for the tensors
+    of `converted_tensors`, a plain LoRA of twice the rank)."""
     config = require_adapter(model, name).config
+    if converted:
+        config = config.converted_to_plain()
     data = config.to_peft_dict()
     layers = [(p, layer) for p, layer in adapter_layers(model) if layer.has_adapter(name)]
     if config.target_modules == "all-linear":
@@ -70,12 +73,42 @@ def adapter_file_config(model: nn.Module, name: str) -> dict[str, Any]:
     return data
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` to `folder` in peft's format; each file is replaced atomically."""
+def converted_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor] | None:
+    """Adapter `name`'s tensors for the untouched base, where its init left the base a residual
+    (PiSSA, OLoRA, LoRA-GA: W - s·B₀A₀); None for an adapter whose base is the original.
+
+    A layer that can say so offers `converted_file_tensors(name)` (LoRA's layers: see Note:
+    Inits that change the base in methods/lora.py); the update it stands for is
+    s·(B·A - B₀·A₀), so the file holds [A | A₀] and [B | -B₀], rank 2r."""
+    tensors = adapter_tensors(model, name)
+    converted = False
+    for path, layer in adapter_layers(model):
+        convert = getattr(layer, "converted_file_tensors", None)
+        values = convert(name) if convert is not None and layer.has_adapter(name) else None
+        if values:
+            prefix = layer.file_key_prefix(path)
+            tensors.update({prefix + key: value for key, value in values.items()})
+            converted = True
+    return tensors if converted else None
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "default", *,
+                 convert: bool = True) -> Path:
+    """Write adapter `name` to `folder` in peft's format; each file is replaced atomically.
+
+    An adapter whose init left the base a residual (init pissa, olora or lora_ga: the model's
+    base weights are W - s·B₀A₀, not W) is saved, by default, converted for the untouched base:
+    [A | A₀] and [B | -B₀] at rank 2r with alpha doubled (x sqrt(2) under rsLoRA), so s is the
+    same and the file loads in peft and in splice on the original model with the trained
+    model's logits (peft's `path_initial_model_for_weight_conversion` writes the same). With
+    `convert=False` the file holds A and B as they are, rank r: it applies only to this model's
+    residual base."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
-    config = adapter_file_config(model, name)
+    converted = converted_tensors(model, name) if convert else None
+    live = adapter_tensors(model, name) if converted is None else converted
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in live.items()}
+    config = adapter_file_config(model, name, converted=converted is not None)
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))

@@ -5,11 +5,14 @@
 A starts kaiming-uniform (a=√5) or Gaussian N(0, 1/r); B starts at zero, so ΔW = s·B·A = 0 and the
 adapted model equals the base model at step 0. For embeddings the roles swap (A = 0, B ~ N(0, 1)),
 because an embedding's "input" is a one-hot row: ΔE = s·(B·A)ᵀ, shape (num_embeddings, dim).
+Other starts for linear layers (PiSSA, OLoRA, LoftQ, EVA, LoRA-GA) come from splice.inits; see
+Note: Inits that change the base.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,7 @@ from splice.core.layer import AdapterLayer
 from splice.core.registry import MethodSpec, implements, register_method
 from splice.core.routing import routable, route_for
 from splice.core.targets import Conv1D
+from splice.inits import LowRankInit, get_init
 from splice.methods.lora_batched import forget_stacks, routed_embedding, routed_linear
 from splice.quant.linear4bit import Linear4bit
 
@@ -135,6 +139,25 @@ class _LoRALinearFn(torch.autograd.Function):
         return grad_x, grad_xl, grad_w, grad_b, grad_a, grad_lb, None, None
 
 
+# Note: Inits that change the base
+# PiSSA, OLoRA and LoRA-GA start B·A at a non-zero part of W and leave the base the residual
+# W - s·B₀A₀, so the model is unchanged at step 0; LoftQ makes the base a quantized weight. The
+# layer keeps what it needs to undo that and to save the adapter for the untouched base, in
+# `initial_updates` (plain tensors, so state dicts and checkpoints do not change): A₀, B₀, s, and
+# for a base that is not W - s·B₀A₀ (LoftQ) the original weight. Removing the adapter (delete,
+# or a failed attach rolling back) puts W back. A trained adapter applies to W as
+# s·(B·A - B₀·A₀) = s·[B | -B₀]·[A | A₀]: rank 2r, alpha doubled to keep s (save_adapter in
+# core/io.py writes that by default; see `converted_file_tensors`).
+
+
+@dataclass
+class InitialUpdate:
+    a: torch.Tensor                       # A₀ (r, in)
+    b: torch.Tensor                       # B₀ (out, r)
+    scaling: float
+    original: torch.Tensor | None = None  # the base weight before, where it is not W - s·B₀A₀
+
+
 class ScaledLoRALayer(AdapterLayer):
     """Keeps each adapter's scale s = α/r (or α/√r), a plain float per adapter name."""
 
@@ -161,9 +184,16 @@ class LoRALinear(ScaledLoRALayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        #: see Note: Inits that change the base
+        self.initial_updates: dict[str, InitialUpdate] = {}
 
     def add_adapter(self, name: str, config: LoRAConfig, module_path: str) -> None:
         rank = config.rank_for(module_path)
+        spec = get_init(config.init)
+        if spec is not None and spec.needs_data:
+            raise AdapterError(f"init={config.init!r} needs training batches: attach with "
+                               "splice.inits.data.attach_with_data(model, config, batches) "
+                               f"(`splice train --init {config.init}` draws them from the training set)")
         base = self.base_layer
         factory = ({"device": base.device, "dtype": base.compute_dtype}
                    if isinstance(base, Linear4bit) else adapter_factory(self.base_weight()))
@@ -173,7 +203,66 @@ class LoRALinear(ScaledLoRALayer):
         self.scaling[name] = config.scaling_for(module_path)
         init_lora_a(self.lora_A[name].weight, config.init)
         nn.init.zeros_(self.lora_B[name].weight)
+        if spec is not None:
+            self.apply_init(name, spec.make(self.init_weight(config.init), rank, self.scaling[name],
+                                            config.init_options))
         forget_stacks(self)
+
+    def init_weight(self, init: str) -> torch.Tensor:
+        """The base weight as an init reads it: a (out, in) fp32 copy."""
+        if isinstance(self.base_layer, Linear4bit):
+            raise AdapterError(
+                f"init={init!r} reads the full-precision weight, and this base is already 4-bit. "
+                "Attach to the full-precision model (for QLoRA with loftq: `splice train --method "
+                "qlora --init loftq`, or attach, then splice.inits.loftq.quantize_adapted_bases)")
+        weight = self.base_layer.weight.detach().float()
+        return (weight.T if self.fan_in_fan_out else weight).clone()
+
+    @torch.no_grad()
+    def apply_init(self, name: str, init: LowRankInit) -> None:
+        """Set adapter `name`'s A and B, and the base where the init changes it. See Note: Inits
+        that change the base."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight     # (r, in), (out, r)
+        if tuple(init.a.shape) != tuple(a.shape) or tuple(init.b.shape) != tuple(b.shape):
+            raise AdapterError(f"init gave A {tuple(init.a.shape)} and B {tuple(init.b.shape)} for "
+                               f"an adapter of A {tuple(a.shape)} and B {tuple(b.shape)}")
+        a.copy_(init.a)
+        b.copy_(init.b)
+        forget_stacks(self)
+        if init.base is None:
+            return
+        weight = self.base_layer.weight
+        scaling = self.scaling[name]
+        if init.residual:  # W - s·B₀A₀ with A₀, B₀ as stored (in the adapter's dtype)
+            new = self.init_weight("") - scaling * (b.float() @ a.float())  # (out, in)
+        else:
+            new = init.base
+        record = InitialUpdate(a.detach().clone(), b.detach().clone(), scaling,
+                               None if init.residual else weight.data)
+        # A new tensor rather than copy_: the loaded weight may be a view of a read-only file.
+        weight.data = (new.T if self.fan_in_fan_out else new).to(weight.dtype).contiguous()
+        self.initial_updates[name] = record
+
+    def forget_adapter(self, name: str) -> None:
+        record = self.initial_updates.pop(name, None)
+        if record is not None:  # put W back: see Note: Inits that change the base
+            weight = self.base_layer.weight
+            if record.original is not None:
+                weight.data = record.original
+            else:
+                delta = record.scaling * (record.b.float() @ record.a.float())  # (out, in)
+                weight.data = (weight.float() + (delta.T if self.fan_in_fan_out else delta)).to(weight.dtype)
+        super().forget_adapter(name)
+
+    def converted_file_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Adapter `name`'s file tensors for the untouched base, [A | A₀] and [B | -B₀], where its
+        init left this base the residual W - s·B₀A₀; None where it did not."""
+        record = self.initial_updates.get(name)
+        if record is None or record.original is not None:
+            return None
+        a, b = self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach()
+        return {"lora_A.weight": torch.cat([a, record.a.to(a.dtype)], dim=0),     # (2r, in)
+                "lora_B.weight": torch.cat([b, -record.b.to(b.dtype)], dim=1)}    # (out, 2r)
 
     def base_weight(self) -> nn.Parameter:
         if isinstance(self.base_layer, Linear4bit):

@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -62,6 +62,9 @@ class LoopState:
     last_loss: float = float("nan")
     last_eval_loss: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Called with each step's record (eval_loss included when evaluated) once the step is done:
+    # how a caller watches a run (a sweep prunes from it); what it raises ends the run.
+    on_step: Callable[[dict[str, Any]], None] | None = None
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -135,6 +138,8 @@ def after_step(state: LoopState, record: dict[str, Any], metrics: MetricsLog | N
     if config.train.save_every and step % config.train.save_every == 0 and dist.is_main:
         save_checkpoint(out / "checkpoints", state.model, state.optimizer, state.scheduler,
                         state.progress, config.train.keep_last)
+    if state.on_step is not None:
+        state.on_step(record)
 
 
 def train_step(state: LoopState, group: list[Batch], config: TrainConfig, dist: DistContext) -> dict[str, Any]:

@@ -13,21 +13,24 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from splice.config.base import AdapterConfig, parse_targets
+from splice.config.lora import DATA_INITS
 from splice.config.train import AdapterSection, TrainConfig
 from splice.core.accounting import count_trainable
 from splice.core.attach import attach
 from splice.core.errors import SpliceError
 from splice.core.registry import get_method
 from splice.core.io import atomic_write, save_adapter
+from splice.inits.data import attach_with_data
+from splice.inits.loftq import quantize_adapted_bases
 from splice.models import load_model, model_fingerprint
 from splice.quant.surgery import quantize_model, quantized_layers
-from splice.train.batching import length_bucketed_batches
+from splice.train.batching import Batch, length_bucketed_batches
 from splice.train.checkpoint import list_checkpoints
 from splice.train.data import TokenizedDataset, data_fingerprint, load_jsonl, read_prompt_completions
 from splice.train.distributed import DistContext
@@ -77,18 +80,44 @@ def adapter_config(section: AdapterSection, tokenizer: Any = None) -> AdapterCon
     return spec.config_cls(**values)
 
 
-def prepare_model(model: nn.Module, config: TrainConfig, tokenizer: Any = None) -> None:
-    """Attach the adapter (or unfreeze everything for full fine-tuning)."""
+def prepare_model(model: nn.Module, config: TrainConfig, tokenizer: Any = None,
+                  init_batches: Sequence[Batch] = ()) -> None:
+    """Attach the adapter (or unfreeze everything for full fine-tuning). `init_batches` feed a
+    data-aware LoRA init (eva, lora_ga)."""
     section = config.adapter
     if section.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
     else:
-        if section.method == "qlora" and not quantized_layers(model):  # a 4-bit folder already is
+        adapter = adapter_config(section, tokenizer)
+        # An init that reads or rewrites W (pissa, olora, loftq, lora_ga) runs on the
+        # full-precision model; a QLoRA base is quantized after it (LoftQ's base is then Q).
+        init_first = section.method == "qlora" and section.init not in (None, "default", "gaussian")
+        if section.method == "qlora" and not init_first and not quantized_layers(model):
             quantize_model(model, block_size=section.quant_block_size, double_quant=section.double_quant)
-        attach(model, adapter_config(section, tokenizer))
+        if init_batches:
+            attach_with_data(model, adapter, [batch_inputs(b) for b in init_batches])
+        else:
+            attach(model, adapter)
+        if init_first and not quantized_layers(model):  # a 4-bit folder already is
+            quantize_adapted_bases(model, block_size=section.quant_block_size,
+                                   double_quant=section.double_quant)
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def batch_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
+
+
+def draw_init_batches(config: TrainConfig, data: TokenizedDataset, pad_id: int) -> list[Batch]:
+    """The first training batches of the run, for a data-aware init (none for other inits)."""
+    init = config.adapter.init
+    if config.adapter.method not in ("lora", "qlora", "dora") or init not in DATA_INITS:
+        return []
+    batches = length_bucketed_batches(data.examples, config.train.batch_size,
+                                      seed=config.train.seed, epoch=0, pad_token_id=pad_id)
+    return batches[:config.adapter.init_batches]
 
 
 def load_data(path: str, tokenizer: Any, config: TrainConfig, dist: DistContext) -> TokenizedDataset:
@@ -101,15 +130,18 @@ def load_data(path: str, tokenizer: Any, config: TrainConfig, dist: DistContext)
     return data
 
 
-def run_training(config: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
+def run_training(config: TrainConfig, *, resume: bool = False, show_progress: bool = True,
+                 on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train as `config` says; `on_step` sees each step's metrics record (see LoopState.on_step)."""
     dist = DistContext.from_env()
     try:
-        return _run(config, resume, show_progress, dist)
+        return _run(config, resume, show_progress, dist, on_step)
     finally:
         dist.close()
 
 
-def _run(config: TrainConfig, resume: bool, show_progress: bool, dist: DistContext) -> TrainResult:
+def _run(config: TrainConfig, resume: bool, show_progress: bool, dist: DistContext,
+         on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     out = Path(config.output)
     if list_checkpoints(out / "checkpoints") and not resume:
         raise SpliceError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
@@ -117,13 +149,14 @@ def _run(config: TrainConfig, resume: bool, show_progress: bool, dist: DistConte
     seed_everything(config.train.seed)
     model, tokenizer = load_model(config.model)
     fingerprint = model_fingerprint(model)
-    prepare_model(model, config, tokenizer)
     train_data = load_data(config.data.path, tokenizer, config, dist)
     eval_data = load_data(config.data.eval_path, tokenizer, config, dist) if config.data.eval_path else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prepare_model(model, config, tokenizer, draw_init_batches(config, train_data, pad_id))
     num_batches = len(length_bucketed_batches(train_data.examples, config.train.batch_size,
                                               seed=config.train.seed, epoch=0, pad_token_id=pad_id))
     state = new_state(model, config, num_batches, dist)
+    state.on_step = on_step
     if resume:
         path = resume_from(out, state)
         say(f"resuming from {path} (step {state.progress.step})" if path else
