@@ -14,6 +14,7 @@ ratios is steadier than the ratio of medians on a shared machine.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import resource
@@ -37,8 +38,11 @@ def result_path(name: str, quick: bool = False, suffix: str = ".json") -> Path:
 
 
 def write_json(name: str, payload: Mapping[str, Any], quick: bool = False) -> Path:
+    """Write a result, stamped with when it was measured and how loaded the machine was."""
     path = result_path(name, quick)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    stamp = {"measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+             "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    path.write_text(json.dumps({**payload, **stamp}, indent=1) + "\n")
     return path
 
 

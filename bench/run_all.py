@@ -173,7 +173,10 @@ def figure_section(figure: Figure, data: dict | None, status: dict | None, resul
     if (results / chart).exists():
         lines += [f"![{figure.title}](results/{chart})", ""]
     lines += [f"- {note}" for note in section.notes]
-    lines += [f"- data: results/{figure.result}{suffix}.json"
+    data = results / f"{figure.result}{suffix}.json"
+    stamp = json.loads(data.read_text()).get("measured_at") if data.is_file() else None
+    measured = f", measured {stamp}" if stamp else ", measurement time not recorded in the file"
+    lines += [f"- data: results/{figure.result}{suffix}.json{measured}"
               + (f", ran in {status['seconds']:.0f} s" if status else ""), ""]
     return lines, section
 
@@ -204,7 +207,9 @@ def write_report(output: Path, statuses: dict[str, dict], quick: bool, figures: 
     head = ["# splice benchmarks", "",
             f"Written by `bench/run_all.py{' --quick' if quick else ''}` (`make "
             f"bench{'-quick' if quick else ''}`), started {started}"
-            + (f", {wall_s / 60:.1f} min in all" if wall_s else "") + ".",
+            + (f", {wall_s / 60:.1f} min in all" if wall_s else
+               ", from the result files already in results/ (`--report-only`: nothing was rerun; "
+               "each figure says when its data was measured)") + ".",
             "Each benchmark alternates its contenders within one run (warm-up first, then "
             "several rounds) and reports medians; ratios are medians of per-round ratios, so "
             "machine noise hits every contender alike. Rerun on a quiet machine before quoting "
