@@ -101,7 +101,7 @@ def record_of(prompt: str) -> str:
 
 def behaviour_config(preset: Path, overrides: dict[str, Any], behaviour: str, out: Path,
                      data: tuple[Path, Path]) -> TrainConfig:
-    settings = {"adapter.rank": 8, "train.steps": 40, "train.save_every": 40, "train.log_every": 5}
+    settings = {"adapter.rank": 8, "train.steps": 20, "train.save_every": 20, "train.log_every": 5}
     settings.update(overrides)
     settings.update({"data.path": str(data[0]), "data.eval_path": str(data[1]),
                      "output": str(out / "adapters" / behaviour)})
