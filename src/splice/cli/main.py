@@ -18,6 +18,7 @@ from splice.cli import params
 from splice.cli import plan
 from splice.cli import quantize
 from splice.cli import serve
+from splice.cli import sweep
 from splice.cli import train
 from splice.core.errors import SpliceError
 from splice.config.base import ConfigError
@@ -37,6 +38,7 @@ SUBCOMMANDS = [
     library,
     lab,
     serve,
+    sweep,
 ]
 
 
