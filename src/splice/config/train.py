@@ -44,14 +44,14 @@ class AdapterSection:
     rank: int = doc("LoRA / DoRA rank r.", default=16)
     alpha: float | None = doc("LoRA / DoRA alpha; default 2 x rank.", default=None)
     dropout: float | None = doc("Dropout on the adapter input (lora, dora, adapter).", default=None)
-    targets: str | None = doc("Modules to adapt: 'all-linear', a comma list of names, or a regex; "
+    targets: str | None = doc("Modules to adapt: 'all-linear', 'attn', 'mlp', a comma list of names, or a regex; "
                               "default all-linear for LoRA/DoRA, the method's own otherwise.",
                               default=None)
     use_rslora: bool = doc("Scale by alpha/sqrt(rank) (rank-stabilised LoRA).", default=False)
     init: str | None = doc("Initialisation: LoRA 'default' | 'gaussian' | 'pissa' | 'olora' | 'loftq' "
                            "| 'eva' | 'lora_ga' (eva and lora_ga read --init-batches training "
-                           "batches first); prompt 'random' | 'text'; prefix 'random' | 'zero' | "
-                           "'text'.", default=None)
+                           "batches first); prompt 'random' | 'text' | 'sample_vocab'; prefix 'random' | "
+                           "'zero' | 'text'.", default=None)
     init_batches: int = doc("eva / lora_ga: training batches (the run's first, at --batch-size) "
                             "the init reads.", default=4)
     init_options: Mapping[str, Any] | None = doc(
