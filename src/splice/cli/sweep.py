@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
 from splice.config.base import ConfigError, help_for
-from splice.config.train import parse_overrides, set_dotted
+from splice.config.train import parse_overrides, read_preset, set_dotted
 from splice.sweep.report import summary, write_report
 from splice.sweep.space import KNOBS, load_space
 from splice.sweep.study import SweepRun, run_sweep
@@ -55,12 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def base_values(args: argparse.Namespace) -> dict[str, Any]:
     """The training values every trial starts from: preset, then flags, then overrides."""
-    values: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        values = yaml.safe_load(path.read_text()) or {}
+    values = read_preset(args.config)
     for dotted in TRAIN_FLAGS.values():
         if getattr(args, dotted) is not None:
             set_dotted(values, dotted, getattr(args, dotted))

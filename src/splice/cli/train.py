@@ -5,14 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
-from typing import Any
 
-import yaml
-
-from splice.config.base import ConfigError, help_for
+from splice.config.base import help_for
 from splice.config.train import (AdapterSection, DataSection, TrainConfig, TrainSection,
-                                 build_train_config, parse_overrides, set_dotted)
+                                 build_train_config, parse_overrides, read_preset, set_dotted)
 from splice.train.run import run_training
 
 NAME = "train"
@@ -71,12 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def collect_config(args: argparse.Namespace) -> TrainConfig:
-    values: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        values = yaml.safe_load(path.read_text()) or {}
+    values = read_preset(args.config)
     flag_keys = {dotted for dotted, _, _ in FLAGS.values()} | {
         "data.skip_bad", "train.grad_checkpointing", "adapter.use_rslora"}
     for dotted in flag_keys:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
@@ -180,6 +182,16 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             except ValueError:
                 raise ConfigError(f"{f.name}={value!r}: give a {name}") from None
     return value
+
+
+def read_preset(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The nested values of a YAML preset (--config); none without a path."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
