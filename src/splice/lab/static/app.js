@@ -212,6 +212,9 @@ function setupTrain(info) {
     `the toy task (person records to one key=value line), AdamW lr ${t.lr}, ${t.steps} steps, ` +
     `trained on a copy of ${info.model}.`;
   $("train-play").addEventListener("click", async () => {
+    // A new run: drop the last run's events now, not when the new stream opens, so nothing
+    // reads the old run's steps as the new run's.
+    if (!stream) { lab.train = {events: [], normMax: 0}; drawTrain(); }
     const status = await api("/api/train/play", {});
     setTrainState(status);
     if (!stream) listen();
