@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import splice
+import splice.serving.engine as engine_module
 from helpers import randomize_adapter
 
 BASE = "tiny"
@@ -48,3 +49,16 @@ def save_random_lora(model, folder: Path, seed: int, rank: int = 4) -> Path:
     splice.save_adapter(model, folder, "made")
     splice.delete_adapter(model, "made")
     return folder
+
+
+def record_logits(monkeypatch) -> dict[int, list[torch.Tensor]]:
+    """Every logits row the engine samples from, by the id of the request's SamplingParams."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    real = engine_module.next_token
+
+    def recording(logits, params, generator):
+        seen.setdefault(id(params), []).append(logits.clone())
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "next_token", recording)
+    return seen

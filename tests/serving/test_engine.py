@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import splice
-import splice.serving.engine as engine_module
-from serving_helpers import BASE, tiny_chat_llama
+from serving_helpers import BASE, record_logits, tiny_chat_llama
 from splice.serving import (ContextLengthError, Delta, Finished, QueueFullError, SamplingParams,
                             UnknownModelError)
 from splice.serving.api import add_to_library
@@ -31,19 +30,6 @@ def ids(tokenizer, text: str) -> list[int]:
 
 def alone(engine, tokenizer, prompt: str, model: str, params=GREEDY) -> Finished:
     return engine.submit(ids(tokenizer, prompt), model, params).result(timeout=60)
-
-
-def record_logits(monkeypatch) -> dict[int, list[torch.Tensor]]:
-    """Every logits row the engine samples from, by the id of the request's SamplingParams."""
-    seen: dict[int, list[torch.Tensor]] = {}
-    real = engine_module.next_token
-
-    def recording(logits, params, generator):
-        seen.setdefault(id(params), []).append(logits.clone())
-        return real(logits, params, generator)
-
-    monkeypatch.setattr(engine_module, "next_token", recording)
-    return seen
 
 
 def test_rows_in_a_busy_mixed_batch_equal_each_row_alone(make_engine, tokenizer, monkeypatch):

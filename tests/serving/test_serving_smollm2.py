@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import splice
-import splice.serving.engine as engine_module
 from helpers import randomize_adapter
+from serving_helpers import record_logits
 from splice.library import AdapterLibrary
 from splice.serving import Engine, SamplingParams, ServeConfig
 from splice.serving.api import create_app
@@ -46,14 +46,7 @@ def chat_ids(tokenizer, question: str) -> list[int]:
 
 def test_smollm2_rows_alone_equal_rows_in_a_busy_batch_and_over_http(engine, monkeypatch):
     engine, tokenizer = engine
-    seen: dict[int, list[torch.Tensor]] = {}
-    real = engine_module.next_token
-
-    def recording(logits, params, generator):
-        seen.setdefault(id(params), []).append(logits.clone())
-        return real(logits, params, generator)
-
-    monkeypatch.setattr(engine_module, "next_token", recording)
+    seen = record_logits(monkeypatch)
     solo_params = [SamplingParams(max_tokens=6, temperature=0) for _ in QUESTIONS]
     busy_params = [SamplingParams(max_tokens=6, temperature=0) for _ in QUESTIONS]
     solo = [engine.submit(chat_ids(tokenizer, q), m, p).result(timeout=120)
