@@ -10,8 +10,8 @@ G = U S Vᵀ:
 A gradient step on A and B then moves W by -η·s²·(G·AᵀA + B·Bᵀ·G) = -η·s²·ζ²·(G V_r V_rᵀ +
 U_{r:2r} U_{r:2r}ᵀ G): G projected on its top 2r singular directions, which is what full
 fine-tuning's step -η·G is closest to at rank 2r. A zero-B init's first step, G·AᵀA with a
-random A, is a random projection of G. ζ is the paper's "stable" output scale. (peft's
-variant multiplies B by the singular values as well; splice follows the paper.)
+random A, is a random projection of G. ζ is the paper's "stable" output scale. B and A are
+the paper's: unit singular vectors times ζ, with no singular values folded into B.
 """
 
 from __future__ import annotations
